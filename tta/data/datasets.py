@@ -1,0 +1,156 @@
+"""Data sets as tensors: images ``uint8 (N, 3, H, W)``, labels ``int64 (N,)``.
+
+Images stay uint8 until a batch is taken (``to_float``), so a 15-domain CIFAR stream holds 460 MB,
+not 1.8 GB. Files are looked for under ``data_root(data_dir)`` (``TTA_DATA_DIR``):
+
+* clean CIFAR-10: ``cifar10_test.npz`` / ``cifar10_train*.npz`` (``x`` uint8 NHWC, ``y``) or the
+  torchvision folder ``cifar-10-batches-py``;
+* CIFAR-10-C / CIFAR-100-C in RobustBench layout: ``<root>/CIFAR-10-C/<corruption>.npy`` (50,000
+  images, severity-major) and ``labels.npy``;
+* ImageNet-C folders: ``<root>/ImageNet-C/<corruption>/<severity>/<wnid>/<file>.JPEG``, optionally
+  restricted to RobustBench's 5,000-image list.
+
+When a file is missing and ``download=True``, robustbench's own downloader is tried (needs a network);
+otherwise, and when that fails, one :class:`~tta.errors.MissingFileError` names the files and the folder.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, MissingFileError
+from ..paths import data_root, find_file
+
+C_FOLDERS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
+ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100"}
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images → float32 in [0, 1]."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
+def _nhwc_to_tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def load_npz(path) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An ``.npz`` with ``x`` uint8 (N, H, W, 3) and ``y`` labels."""
+    with np.load(path) as f:
+        if "x" not in f or "y" not in f:
+            raise ConfigError(f"{path} must hold arrays 'x' (uint8 N,H,W,3) and 'y'; it has {list(f.keys())}")
+        x, y = f["x"], f["y"]
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ConfigError(f"{path}: 'x' must be uint8 of shape (N, H, W, 3), got {x.dtype} {x.shape}")
+    return _nhwc_to_tensor(x), torch.from_numpy(y.astype(np.int64))
+
+
+def load_cifar10(data_dir=None, split: str = "test") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Clean CIFAR-10 (uint8 NCHW, labels). ``split`` is ``test`` or ``train`` (the ``train_10k`` subset
+    when only that is present)."""
+    root = data_root(data_dir)
+    if split not in ("test", "train"):
+        raise ConfigError(f"split must be 'test' or 'train', got {split!r}")
+    names = ["cifar10_test.npz"] if split == "test" else ["cifar10_train.npz", "cifar10_train_10k.npz"]
+    for name in names:
+        if (root / name).exists():
+            return load_npz(root / name)
+    folder = root / "cifar-10-batches-py"
+    batches = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    if all((folder / b).exists() for b in batches):
+        xs, ys = [], []
+        for b in batches:
+            with open(folder / b, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            xs.append(d[b"data"].reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[b"labels"], dtype=np.int64))
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    raise MissingFileError(f"clean CIFAR-10 ({split}) not found: place {' or '.join(names)} "
+                           f"(x uint8 N,32,32,3 and y) or the torchvision folder cifar-10-batches-py in {root} "
+                           "(set TTA_DATA_DIR or data_dir to choose the folder)")
+
+
+def load_cifar_c(corruption: str, severity: int, dataset: str = "cifar10", data_dir=None,
+                 n_examples: Optional[int] = None, download: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One (corruption, severity) slice of CIFAR-10-C / CIFAR-100-C in RobustBench layout."""
+    if dataset not in C_FOLDERS:
+        raise ConfigError(f"dataset must be one of {sorted(C_FOLDERS)}, got {dataset!r}")
+    if severity not in (1, 2, 3, 4, 5):
+        raise ConfigError(f"severity must be 1..5, got {severity!r}")
+    root = data_root(data_dir)
+    folder = root / C_FOLDERS[dataset]
+    files = [folder / f"{corruption}.npy", folder / "labels.npy"]
+    if not all(f.exists() for f in files) and download:
+        _robustbench_download(dataset, corruption, root)
+    if not all(f.exists() for f in files):
+        missing = ", ".join(f.name for f in files if not f.exists())
+        raise MissingFileError(
+            f"{C_FOLDERS[dataset]} file(s) {missing} not found in {folder}: place the released files there "
+            f"(Zenodo; set TTA_DATA_DIR or data_dir to choose the folder), or generate them with "
+            f"`tta make-c --source cifar10_test.npz --out {folder}`, or use data.source=generate")
+    n = 10000
+    lo = (severity - 1) * n
+    x = np.load(files[0], mmap_mode="r")[lo:lo + n]
+    y = np.load(files[1])[lo:lo + n]
+    if n_examples is not None:
+        x, y = x[:n_examples], y[:n_examples]
+    return _nhwc_to_tensor(np.asarray(x)), torch.from_numpy(y.astype(np.int64))
+
+
+def _robustbench_download(dataset: str, corruption: str, root: Path) -> None:
+    """Let robustbench fetch the released files (only where a network exists)."""
+    try:
+        from ..models.robustbench import import_robustbench
+        import_robustbench()
+        from robustbench.data import load_cifar10c, load_cifar100c
+        loader = load_cifar10c if dataset == "cifar10" else load_cifar100c
+        loader(n_examples=1, severity=5, data_dir=str(root), corruptions=[corruption])
+    except Exception:  # offline: the caller raises the one clear MissingFileError
+        pass
+
+
+def imagenet_c_files(corruption: str, severity: int, data_dir=None, subset_5000: bool = True,
+                     n_examples: Optional[int] = None) -> Tuple[List[Path], torch.Tensor]:
+    """Paths and labels of one ImageNet-C (corruption, severity) folder; labels are sorted-wnid indices.
+
+    With ``subset_5000`` the RobustBench list of 5,000 images is used, in list order (CoTTA protocol).
+    """
+    root = data_root(data_dir) / "ImageNet-C" / corruption / str(severity)
+    if not root.is_dir():
+        raise MissingFileError(f"ImageNet-C folder {root} not found: place the released ImageNet-C "
+                               "(<corruption>/<severity>/<wnid>/*.JPEG) under <data_dir>/ImageNet-C "
+                               "(set TTA_DATA_DIR or data_dir to choose the folder)")
+    wnids = sorted(p.name for p in root.iterdir() if p.is_dir())
+    index = {w: i for i, w in enumerate(wnids)}
+    if subset_5000:
+        from ..models.robustbench import imagenet_5000_ids
+        rel = [line.split()[0] for line in imagenet_5000_ids() if line.strip()]
+        paths = [root / r for r in rel]
+    else:
+        paths = sorted(root.glob("*/*.JPEG"))
+    if n_examples is not None:
+        paths = paths[:n_examples]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise MissingFileError(f"{len(missing)} ImageNet-C image(s) missing under {root}, e.g. {missing[0]}")
+    labels = torch.tensor([index[p.parent.name] for p in paths], dtype=torch.int64)
+    return paths, labels
+
+
+def load_images(paths: List[Path], size: int = 224) -> torch.Tensor:
+    """Decode image files into uint8 NCHW (centre crop to ``size`` when larger; ImageNet-C is already 224)."""
+    from PIL import Image
+    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    for i, p in enumerate(paths):
+        with Image.open(p) as im:
+            a = np.asarray(im.convert("RGB"))
+        h, w = a.shape[:2]
+        if h < size or w < size:
+            raise ConfigError(f"{p} is {w}x{h}, smaller than {size}px")
+        top, left = (h - size) // 2, (w - size) // 2
+        out[i] = torch.from_numpy(a[top:top + size, left:left + size].transpose(2, 0, 1).copy())
+    return out

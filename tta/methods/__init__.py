@@ -1,0 +1,83 @@
+"""Method registry: ``register("name")`` on a function returning a :class:`~tta.adapter.Recipe`.
+
+``build(model, name, **overrides)`` splits the overrides into the ones every method shares (optimizer,
+lr, steps, episodic, seed, ...) and the method's own keyword arguments; an unknown name or key is one
+clear error listing what is allowed.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import pkgutil
+from typing import Callable, Dict
+
+from ..errors import ConfigError
+
+_REGISTRY: Dict[str, Callable] = {}
+_LOADED = False
+
+# overrides every method accepts: optimizer fields, loop options
+OPTIMIZER_KEYS = ("optimizer", "lr", "momentum", "nesterov", "betas", "eps", "weight_decay")
+LOOP_KEYS = ("steps", "episodic", "seed", "validate")
+COMMON_KEYS = OPTIMIZER_KEYS + LOOP_KEYS
+
+
+def register(name: str):
+    def deco(fn: Callable) -> Callable:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"method {name!r} registered twice")
+        _REGISTRY[name] = fn
+        fn.method_name = name
+        return fn
+    return deco
+
+
+def _load_all() -> None:
+    global _LOADED
+    if not _LOADED:
+        for info in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{info.name}")
+        _LOADED = True
+
+
+def available() -> list:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Callable:
+    _load_all()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown method {name!r}{hint}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def method_options(name: str) -> list:
+    """The keyword arguments a method accepts besides the common ones."""
+    params = inspect.signature(get(name)).parameters
+    return [p for p in list(params)[1:] if params[p].kind is inspect.Parameter.KEYWORD_ONLY
+            or params[p].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+
+
+def build(model, name: str, **overrides):
+    """The adapter of method ``name`` around ``model`` (see module docstring)."""
+    fn = get(name)
+    own = method_options(name)
+    unknown = sorted(set(overrides) - set(own) - set(COMMON_KEYS))
+    if unknown:
+        raise ConfigError(f"method {name!r} got unknown option(s) {unknown}; allowed: "
+                          f"{', '.join(own) or '(none of its own)'}; common: {', '.join(COMMON_KEYS)}")
+    recipe = fn(model, **{k: v for k, v in overrides.items() if k in own})
+    opt = {("name" if k == "optimizer" else k): v for k, v in overrides.items() if k in OPTIMIZER_KEYS}
+    loop = {k: v for k, v in overrides.items() if k in LOOP_KEYS}
+    from ..adapter import Adapter
+    cls = recipe.adapter_cls or Adapter
+    adapter = cls(model, recipe, optimizer=recipe.optimizer.but(**opt), **loop, **recipe.options)
+    adapter.method = name
+    return adapter
+
+
+__all__ = ["register", "build", "available", "get", "method_options", "COMMON_KEYS"]

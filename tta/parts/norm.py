@@ -1,0 +1,90 @@
+"""Norm modes: how BatchNorm layers normalise at test time (METHODS.md 1.1 and 3.1).
+
+The toolkit rule: only norm layers are put in training mode; everything else (dropout, ...) stays in
+eval mode. Source running statistics are kept as buffers (so ``alpha`` mixing and reset keep working)
+but are never updated: BN layers get ``track_running_stats = False``, which makes PyTorch normalise
+with the biased batch statistics and leave the buffers untouched, with gradients flowing through them.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .params import BATCH_NORMS
+
+
+class SourceStats:
+    """Plain eval mode: source running statistics (the ``source`` baseline)."""
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        return model.eval()
+
+    def __repr__(self):
+        return "SourceStats()"
+
+
+class BatchStats:
+    """Every BN layer normalises with the current test batch's mean and biased variance."""
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, BATCH_NORMS):
+                m.train()
+                m.track_running_stats = False
+        return model
+
+    def __repr__(self):
+        return "BatchStats()"
+
+
+class AlphaStats:
+    """Mix source and batch moments per channel: ``mu = (1-a) mu_src + a mu_B`` (likewise the variance).
+
+    ``alpha`` may be given directly or as a pseudo sample count ``n_prior`` (``a = n / (n_prior + n)``,
+    Schneider et al. 2020) where n is the batch size. The batch variance is the unbiased one (as in the
+    widely used implementation). No gradients flow through the mixed statistics.
+    """
+
+    def __init__(self, alpha: float = 0.1, n_prior: float = None):
+        if n_prior is None and not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+        self.alpha, self.n_prior = alpha, n_prior
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        model.eval()
+        found = False
+        for m in model.modules():
+            if isinstance(m, BATCH_NORMS):
+                if m.running_mean is None:
+                    raise ConfigError("alpha mixing needs the source running statistics, but a BN layer has none")
+                m.forward = types.MethodType(_alpha_forward, m)
+                m._tta_alpha, m._tta_n_prior = self.alpha, self.n_prior
+                found = True
+        if not found:
+            raise ConfigError("alpha mixing needs BatchNorm layers; this model has none")
+        return model
+
+    def __repr__(self):
+        return f"AlphaStats(alpha={self.alpha}, n_prior={self.n_prior})"
+
+
+def _alpha_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    dims = [0] + list(range(2, x.dim()))
+    n = x.shape[0]
+    alpha = self._tta_alpha if self._tta_n_prior is None else n / (self._tta_n_prior + n)
+    with torch.no_grad():
+        var_b, mean_b = torch.var_mean(x, dim=dims, unbiased=x.numel() // x.shape[1] > 1)
+        mean = (1 - alpha) * self.running_mean + alpha * mean_b
+        var = (1 - alpha) * self.running_var + alpha * var_b
+    return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def uses_batch_stats(model: nn.Module) -> bool:
+    """True when some BN layer normalises with batch statistics (a batch of one is then meaningless)."""
+    return any(isinstance(m, BATCH_NORMS) and m.training and not m.track_running_stats and
+               not hasattr(m, "_tta_alpha") for m in model.modules())
