@@ -197,6 +197,12 @@ def _fetch_hf_weights(name: str, cfg) -> str:
 
     repo, _, revision = cfg.hf_hub_id.partition("@")
     files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    for filename in files:  # cache first: no network round trip (nor retries) when the file is there
+        try:
+            return huggingface_hub.hf_hub_download(repo, filename, revision=revision or None,
+                                                   local_files_only=True)
+        except Exception:
+            pass
     for i, filename in enumerate(files):
         try:
             return huggingface_hub.hf_hub_download(repo, filename, revision=revision or None)

@@ -110,11 +110,17 @@ def _shims_needed() -> dict:
 
 @contextlib.contextmanager
 def _shims_installed() -> Iterator[dict]:
-    """Register the needed stand-ins in ``sys.modules``; remove exactly those afterwards."""
+    """Register the needed stand-ins in ``sys.modules``; put back exactly what was there afterwards.
+
+    An entry that is ``None`` (Python's "this import fails" marker) is replaced for the duration;
+    a real module already imported is never replaced.
+    """
     shims = _shims_needed()
-    added = {}
+    added, previous = {}, {}
     for name, module in shims.items():
-        if name not in sys.modules:  # never shadow anything already imported
+        if sys.modules.get(name) is None:
+            if name in sys.modules:
+                previous[name] = None
             sys.modules[name] = module
             added[name] = module
     try:
@@ -122,7 +128,10 @@ def _shims_installed() -> Iterator[dict]:
     finally:
         for name, module in added.items():
             if sys.modules.get(name) is module:
-                del sys.modules[name]
+                if name in previous:
+                    sys.modules[name] = previous[name]
+                else:
+                    del sys.modules[name]
 
 
 def import_robustbench() -> types.ModuleType:

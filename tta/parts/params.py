@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -73,3 +73,124 @@ def freeze_all_but(model: nn.Module, named: Iterable[Tuple[str, nn.Parameter]]) 
 
 
 Selector = Callable[[nn.Module], NamedParams]
+
+
+# ------------------------------------------------------------------------------------ skip the top
+# SAR and DeYO leave the norm layers of the top of the network alone: with noisy test-time gradients
+# the deepest norm layers are the ones that collapse first (METHODS.md 3.4). "The top" depends on the
+# layout, so each rule below recognises one layout by its module names (matched on the name suffix,
+# so a ``Normalized`` wrapper's ``net.`` prefix or any other parent does not matter) and returns the
+# names of the modules that form its top.
+Modules = Dict[str, nn.Module]
+
+
+def _siblings(modules: Modules, name: str) -> Tuple[str, Modules]:
+    """The parent prefix of ``name`` and the direct children of that parent, by short name."""
+    prefix = name[: name.rfind(".") + 1]
+    kids = {n[len(prefix):]: m for n, m in modules.items()
+            if n.startswith(prefix) and n != prefix[:-1] and "." not in n[len(prefix):] and n}
+    return prefix, kids
+
+
+def _numbered(modules: Modules, container: str, stem: str = "") -> List[str]:
+    """Children ``<container>.<stem><i>`` in index order."""
+    pat = re.compile(re.escape(container + "." + stem) + r"(\d+)$")
+    found = [(int(m.group(1)), n) for n in modules if (m := pat.match(n))]
+    return [n for _, n in sorted(found)]
+
+
+def _last_quarter(blocks: List[str]) -> List[str]:
+    """The top quarter of a transformer's blocks: 9-11 of ViT-B's 12, as the SAR/DeYO authors skip."""
+    return blocks[len(blocks) - max(1, round(len(blocks) / 4)):]
+
+
+def _stage_rule(last: str, earlier: Sequence[str], final_norm: Optional[str] = None):
+    """Convolutional nets with named stages: the last stage (plus a final norm layer when it has one)."""
+    def rule(modules: Modules) -> Optional[List[str]]:
+        for name in modules:
+            if name.rsplit(".", 1)[-1] != last:
+                continue
+            prefix, kids = _siblings(modules, name)
+            if all(e in kids for e in earlier):
+                extra = [prefix + final_norm] if final_norm and isinstance(kids.get(final_norm), NORMS) else []
+                return [name] + extra
+        return None
+    return rule
+
+
+def _timm_vit(modules: Modules) -> Optional[List[str]]:
+    for name in modules:
+        if name.rsplit(".", 1)[-1] == "blocks" and _numbered(modules, name):
+            prefix, kids = _siblings(modules, name)
+            norms = [prefix + k for k in ("norm", "fc_norm") if isinstance(kids.get(k), NORMS)]
+            return _last_quarter(_numbered(modules, name)) + norms
+    return None
+
+
+def _torchvision_vit(modules: Modules) -> Optional[List[str]]:
+    for name in modules:
+        if name == "encoder.layers" or name.endswith(".encoder.layers"):
+            blocks = _numbered(modules, name, "encoder_layer_")
+            if blocks:
+                ln = name[: -len("layers")] + "ln"
+                return _last_quarter(blocks) + ([ln] if isinstance(modules.get(ln), NORMS) else [])
+    return None
+
+
+def _torchvision_swin(modules: Modules) -> Optional[List[str]]:
+    """``features.<i>`` alternates patch merging and stages; the last stage starts at its patch merging."""
+    for name in modules:
+        if name.rsplit(".", 1)[-1] != "features":
+            continue
+        stages = _numbered(modules, name)
+        if not stages or not type(modules[stages[-1]][0]).__name__.startswith("SwinTransformerBlock"):
+            continue
+        top = stages[-2:] if type(modules[stages[-2]]).__name__.startswith("PatchMerging") else stages[-1:]
+        prefix, kids = _siblings(modules, name)
+        return top + ([prefix + "norm"] if isinstance(kids.get("norm"), NORMS) else [])
+    return None
+
+
+TOP_RULES = {
+    "resnet (torchvision/timm): layer4": _stage_rule("layer4", ("layer1", "layer2", "layer3")),
+    "cifar resnet: layer3": _stage_rule("layer3", ("layer1", "layer2")),
+    "wide resnet: block3 + final bn1": _stage_rule("block3", ("block1", "block2"), final_norm="bn1"),
+    "cifar resnext: stage_3": _stage_rule("stage_3", ("stage_1", "stage_2")),
+    "timm vit: last quarter of blocks + norm": _timm_vit,
+    "torchvision vit: last quarter of encoder layers + encoder.ln": _torchvision_vit,
+    "torchvision swin: last stage + norm": _torchvision_swin,
+}
+
+
+def top_modules(model: nn.Module) -> List[str]:
+    """Names of the modules forming the top of ``model``; a ConfigError for an unknown layout."""
+    modules = dict(model.named_modules())
+    for rule in TOP_RULES.values():
+        found = rule(modules)
+        if found:
+            return found
+    raise ConfigError(f"no skip-the-top rule recognises {type(model).__name__} (known layouts: "
+                      f"{'; '.join(TOP_RULES)}); pass skip=[regex, ...] naming the modules to leave "
+                      "alone, or skip_top=False to adapt every norm layer")
+
+
+class SkipTop:
+    """Norm affine parameters outside the top of the network (SAR, DeYO).
+
+    ``skip``: explicit regexes on module names, used instead of the layout rules.
+    """
+
+    def __init__(self, skip: Optional[Sequence[str]] = None):
+        self.skip = None if skip is None else list(skip)
+
+    def __call__(self, model: nn.Module) -> NamedParams:
+        skip = self.skip if self.skip is not None else [f"^{re.escape(n)}(\\.|$)" for n in top_modules(model)]
+        return NormAffine(skip)(model)
+
+    def __repr__(self):
+        return f"SkipTop(skip={self.skip})"
+
+
+def norm_affine(skip_top: bool = False, skip: Optional[Sequence[str]] = None) -> Selector:
+    """The selector a method option pair ``skip_top``/``skip`` asks for."""
+    return SkipTop(skip) if skip_top or skip is not None else NormAffine()

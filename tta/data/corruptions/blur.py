@@ -40,14 +40,23 @@ def _crop_support(kernel: torch.Tensor) -> torch.Tensor:
 
 
 def filter2d_reflect101(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """OpenCV ``filter2D`` (correlation, default reflect-101 border) of every channel of (B, C, H, W)."""
+    """OpenCV ``filter2D`` (correlation, default reflect-101 border) of every channel of (B, C, H, W).
+
+    Small kernels are applied as a sum of shifted copies (float64 ``conv2d`` is slow on CPU).
+    """
     b, c, h, w = x.shape
-    r = kernel.shape[0] // 2
+    k = kernel.shape[0]
+    r = k // 2
     rows = pad_index(h, r, r, "mirror", x.device)
     cols = pad_index(w, r, r, "mirror", x.device)
-    xp = x.index_select(2, rows).index_select(3, cols).reshape(b * c, 1, h + 2 * r, w + 2 * r)
-    out = F.conv2d(xp, kernel.to(x.dtype)[None, None])
-    return out.reshape(b, c, h, w)
+    xp = x.index_select(2, rows).index_select(3, cols)
+    if k > 9:
+        out = F.conv2d(xp.reshape(b * c, 1, h + 2 * r, w + 2 * r), kernel.to(x.dtype)[None, None])
+        return out.reshape(b, c, h, w)
+    out = torch.zeros_like(x)
+    for i, j in torch.nonzero(kernel).tolist():
+        out += float(kernel[i, j]) * xp[:, :, i:i + h, j:j + w]
+    return out
 
 
 def defocus_blur(x: torch.Tensor, c, generator=None) -> torch.Tensor:

@@ -1,0 +1,172 @@
+"""Write a corrupted copy of an image set in the RobustBench / CIFAR-10-C file layout (``tta make-c``).
+
+Layout: ``<out>/<corruption>.npy`` uint8 (N * len(severities), H, W, 3) NHWC, severity-major (rows
+``k*N .. (k+1)*N - 1`` hold ``severities[k]``), plus ``labels.npy`` (the labels repeated per severity)
+and ``make_c.json``, which records the seed, severities, source size and engine chunk per written file.
+
+Each file is written to a temporary file in the same folder and moved into place with ``os.replace``, so
+an interrupted run never leaves a truncated ``.npy`` behind. A rerun skips every file whose shape and dtype
+are right and whose ``make_c.json`` entry matches the requested seed and severities, so an interrupted
+generation resumes where it stopped. Images come from ``corrupt_dataset``, the same function on-the-fly
+streams use, so the files equal what a stream would produce for the same seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, MissingFileError
+from .corruptions import CORRUPTIONS, RNG_CHUNK, corrupt_dataset
+from .corruptions.api import check_name, check_severity
+
+SIDECAR = "make_c.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(file_object)`` on a temp file next to ``path``, then move it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.save(f, array))
+
+
+def _read_sidecar(out: Path) -> dict:
+    try:
+        return json.loads((out / SIDECAR).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _is_complete(path: Path, shape, record: Optional[dict], wanted: dict) -> bool:
+    if not path.is_file() or record != wanted:
+        return False
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError):
+        return False
+    return arr.shape == tuple(shape) and arr.dtype == np.uint8
+
+
+def load_source(source) -> tuple:
+    """Images (N, H, W, 3) uint8 and labels (N,) from an ``.npz`` with keys ``x`` and ``y``."""
+    path = Path(source)
+    if not path.is_file():
+        raise MissingFileError(f"source image set not found: {path}")
+    with np.load(path) as data:
+        if "x" not in data or "y" not in data:
+            raise ConfigError(f"{path} must hold arrays 'x' (N, H, W, 3) uint8 and 'y' (N,), has {list(data)}")
+        x, y = data["x"], data["y"]
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ConfigError(f"{path}: 'x' must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
+    return x, y
+
+
+def make_c(source, out, corruptions: Optional[Iterable[str]] = None, severities: Sequence[int] = (1, 2, 3, 4, 5),
+           seed: int = 0, progress: bool = True, device: str = "cpu") -> dict:
+    """Generate ``<out>/<corruption>.npy`` for each corruption (default: the 15 standard ones).
+
+    Returns ``{corruption: "written" | "skipped"}``.
+    """
+    names = list(CORRUPTIONS if corruptions is None else corruptions)
+    for name in names:
+        check_name(name)
+    severities = [check_severity(s) for s in severities]
+    if not severities:
+        raise ConfigError("make_c needs at least one severity")
+    x, y = load_source(source)
+    n = x.shape[0]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = np.tile(y.astype(np.uint8) if y.max(initial=0) < 256 else y, len(severities))
+    _save_npy(out / "labels.npy", labels)
+    shape = (n * len(severities),) + x.shape[1:]
+    wanted = {"seed": int(seed), "severities": severities, "n_source": int(n), "rng_chunk": RNG_CHUNK}
+    sidecar = _read_sidecar(out)
+    status = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(names) * len(severities) * n, unit="img", desc="make-c")
+    for name in names:
+        path = out / f"{name}.npy"
+        if _is_complete(path, shape, sidecar.get(name), wanted):
+            status[name] = "skipped"
+            if bar is not None:
+                bar.update(len(severities) * n)
+            continue
+        result = np.empty(shape, dtype=np.uint8)
+        for k, severity in enumerate(severities):
+            if bar is not None:
+                bar.set_postfix_str(f"{name} s{severity}")
+            images = corrupt_dataset(x, name, severity, seed, device=device)
+            result[k * n:(k + 1) * n] = images.permute(0, 2, 3, 1).numpy()
+            if bar is not None:
+                bar.update(n)
+        _save_npy(path, result)
+        sidecar = _read_sidecar(out)
+        sidecar[name] = wanted
+        _atomic_write(out / SIDECAR, lambda f: f.write(json.dumps(sidecar, indent=1, sort_keys=True).encode()))
+        status[name] = "written"
+    if bar is not None:
+        bar.close()
+    return status
+
+
+def parse_severities(tokens: Sequence[str]) -> list:
+    """``["1-5"]``, ``["1", "3", "5"]`` or ``["1,3"]`` -> sorted unique severities, each 1..5."""
+    values = set()
+    for token in tokens:
+        for part in str(token).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                if "-" in part:
+                    lo, hi = (int(v) for v in part.split("-", 1))
+                    values.update(range(lo, hi + 1))
+                else:
+                    values.add(int(part))
+            except ValueError:
+                raise ConfigError(f"bad severity {part!r}: use e.g. 1-5 or 1 3 5") from None
+    if not values or min(values) < 1 or max(values) > 5:
+        raise ConfigError(f"severities must lie in 1..5, got {sorted(values)}")
+    return sorted(values)
+
+
+def run_cli(args) -> int:
+    """Handler of ``tta make-c``."""
+    status = make_c(args.source, args.out, corruptions=args.corruptions,
+                    severities=parse_severities(args.severities), seed=args.seed,
+                    progress=not args.quiet, device=args.device)
+    for name, what in status.items():
+        print(f"{name}: {what}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add the ``make-c`` subcommand; its handler is stored as ``func`` in the parsed namespace."""
+    p = subparsers.add_parser("make-c", help="write a corrupted copy of an image set (CIFAR-10-C layout)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", required=True, help=".npz with x (N, H, W, 3) uint8 and y (N,)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--corruptions", nargs="+", default=None, metavar="NAME",
+                   help="corruption names (default: the 15 standard ones)")
+    p.add_argument("--severities", nargs="+", default=["1-5"], help="e.g. 1-5 (default) or 1 3 5")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_cli)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics accumulated along a stream, the config runner, and report writers."""

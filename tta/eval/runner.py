@@ -1,0 +1,175 @@
+"""The runner: the only place that knows models, data, streams, methods and reports together.
+
+``run_config(cfg)`` builds the model, the domains and the stream, wraps the model in the method's
+adapter, feeds the stream batch by batch (resetting where the stream says), accumulates errors per
+(round, domain) and writes ``results/<run>/``: the resolved config, ``results.json``, ``results.csv``
+and ``table.md``. After every finished segment the adapter and the tallies are checkpointed atomically,
+so a run killed mid-way continues from the last finished segment and ends with the same numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Union
+
+import numpy as np
+import torch
+
+from .. import config as config_mod
+from ..data import streams
+from ..data.datasets import load_cifar10, to_float
+from ..data.domains import DomainSet
+from ..errors import ConfigError
+from .metrics import ErrorAccumulator, mean
+from .report import write_outputs
+
+STATE_FILE = "state.pt"
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_adapter(cfg: Dict[str, Any], device: torch.device, data_dir=None):
+    """The model of ``cfg.model`` wrapped in the adapter of ``cfg.method`` (seeded before building)."""
+    import tta
+    seed_everything(cfg["seed"])
+    m = cfg["model"]
+    model = tta.models.load(m["name"], m["checkpoint"], data_dir=data_dir, **m["options"]).to(device)
+    options = {k: v for k, v in cfg["method"].items() if k != "name"}
+    options.setdefault("seed", cfg["seed"])
+    if "fisher" in options:
+        options["fisher_data"] = fisher_images(options.pop("fisher"), data_dir, cfg["seed"]).to(device)
+    return tta.wrap(model, cfg["method"]["name"], **options)
+
+
+def fisher_images(spec: Dict[str, Any], data_dir, seed: int) -> torch.Tensor:
+    """A random subset of clean source images for EATA's Fisher estimate (``{dataset, n}``)."""
+    allowed = {"dataset", "n"}
+    if not isinstance(spec, dict) or set(spec) - allowed:
+        raise ConfigError(f"method.fisher must be a mapping with keys {sorted(allowed)}, got {spec!r}")
+    if spec.get("dataset", "cifar10_train") != "cifar10_train":
+        raise ConfigError(f"method.fisher.dataset: only cifar10_train is available, got {spec['dataset']!r}")
+    x, _ = load_cifar10(data_dir, "train")
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:int(spec.get("n", 2000))]
+    return to_float(x[idx])
+
+
+def build_stream(cfg: Dict[str, Any]) -> streams.Stream:
+    d = cfg["data"]
+    domains = DomainSet(d["dataset"], d["source"], d["data_dir"], d["n_examples"], d["seed"],
+                        d["corruptions"], d["severities"])
+    return streams.build(cfg["setting"], domains, **cfg["stream"])
+
+
+def config_hash(cfg: Dict[str, Any]) -> str:
+    return hashlib.sha256(config_mod.dump(cfg).encode()).hexdigest()[:16]
+
+
+def run_dir(cfg: Dict[str, Any]) -> Path:
+    return Path(cfg["output"]["dir"]) / (cfg["output"]["run_name"] or cfg["name"])
+
+
+def run_config(cfg: Union[str, Path, Dict[str, Any]], overrides: Iterable[str] = (),
+               out_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """Run one benchmark config end to end; returns the results dict that is also written to disk."""
+    cfg = config_mod.from_dict(cfg, overrides) if isinstance(cfg, dict) else config_mod.load(cfg, overrides)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    device = resolve_device(cfg["device"])
+    out = out_dir or run_dir(cfg)
+    save = cfg["output"]["save"]
+    stream = build_stream(cfg)
+    state = _load_state(out, cfg, device) if save else None
+    if state is None:
+        adapter = build_adapter(cfg, device, cfg["data"]["data_dir"])
+        acc, start, elapsed = ErrorAccumulator(), 0, 0.0
+    else:
+        adapter, acc, start, elapsed = state["adapter"], state["acc"], state["segment"], state["elapsed"]
+    bar = _progress(cfg)
+    for k, seg in enumerate(stream.segments):
+        if k < start:
+            continue
+        for batch in stream.batches(seg):
+            if batch.reset:
+                adapter.reset()
+            x = batch.x.to(device, non_blocking=True)
+            before = dict(adapter.counters)
+            t0 = time.perf_counter()
+            logits = adapter(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            delta = {k2: v - before.get(k2, 0) for k2, v in adapter.counters.items()}
+            acc.update(logits, batch.y, batch.domain, batch.round, delta, dt)
+            if bar is not None:
+                bar.set_description(f"{cfg['method']['name']} {seg.label}")
+                bar.update(len(x))
+        if save and k + 1 < len(stream.segments):
+            _save_state(out, cfg, {"adapter": adapter, "acc": acc, "segment": k + 1, "elapsed": elapsed})
+    if bar is not None:
+        bar.close()
+    results = summarise(cfg, stream, acc, elapsed, device)
+    if save:
+        write_outputs(out, cfg, results)
+        (out / STATE_FILE).unlink(missing_ok=True)
+    return results
+
+
+def summarise(cfg, stream, acc: ErrorAccumulator, elapsed: float, device) -> Dict[str, Any]:
+    rows = acc.rows(stream.domain_names)
+    n = sum(r["n"] for r in rows)
+    rounds = sorted({r["round"] for r in rows})
+    per_round = [{"round": r, "mean_error": mean(x["error"] for x in rows if x["round"] == r)} for r in rounds]
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {
+        "name": cfg["name"], "method": cfg["method"]["name"], "model": cfg["model"]["name"],
+        "setting": cfg["setting"], "seed": cfg["seed"], "device": str(device),
+        "domains": rows, "rounds": per_round,
+        "mean_error": mean(r["error"] for r in rows),
+        "img_per_s": n / elapsed if elapsed > 0 else None,
+        "peak_memory_mb": peak, "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
+        "backward": sum(r["backward"] for r in rows),
+        "batch_errors": acc.batch_errors,
+    }
+
+
+def _progress(cfg):
+    if not cfg["progress"]:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(unit="img", leave=False, dynamic_ncols=True)
+
+
+def _save_state(out: Path, cfg, state: Dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    state = dict(state, config_hash=config_hash(cfg))
+    tmp = out / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out / STATE_FILE)
+
+
+def _load_state(out: Path, cfg, device) -> Optional[Dict[str, Any]]:
+    path = out / STATE_FILE
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location=device, weights_only=False)
+    if state.get("config_hash") != config_hash(cfg):
+        return None  # a different config: start over
+    return state
