@@ -114,10 +114,10 @@ def run_config(cfg: Union[str, Path, Dict[str, Any]], overrides: Iterable[str] =
             dt = time.perf_counter() - t0
             elapsed += dt
             delta = {k2: v - before.get(k2, 0) for k2, v in adapter.counters.items()}
-            acc.update(logits, batch.y, batch.domain, batch.round, delta, dt)
+            acc.update(logits[batch.context:], batch.y, batch.domain, batch.round, delta, dt)  # window context is not scored
             if bar is not None:
                 bar.set_description(f"{cfg['method']['name']} {seg.label}")
-                bar.update(len(x))
+                bar.update(len(batch.y))
         if save and k + 1 < len(stream.segments):
             _save_state(out, cfg, {"adapter": adapter, "acc": acc, "segment": k + 1, "elapsed": elapsed})
     if bar is not None:

@@ -7,8 +7,6 @@ with the biased batch statistics and leave the buffers untouched, with gradients
 """
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,7 +60,7 @@ class AlphaStats:
             if isinstance(m, BATCH_NORMS):
                 if m.running_mean is None:
                     raise ConfigError("alpha mixing needs the source running statistics, but a BN layer has none")
-                m.forward = types.MethodType(_alpha_forward, m)
+                m.__class__ = _alpha_class(type(m))
                 m._tta_alpha, m._tta_n_prior = self.alpha, self.n_prior
                 found = True
         if not found:
@@ -71,6 +69,25 @@ class AlphaStats:
 
     def __repr__(self):
         return f"AlphaStats(alpha={self.alpha}, n_prior={self.n_prior})"
+
+
+class _AlphaMixing:
+    """Mixin swapped into a BN layer's class (picklable, keeps state-dict keys) for alpha mixing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _alpha_forward(self, x)
+
+
+# one mixed class per BN class, created at import so unpickling in a fresh process finds them by name
+_ALPHA_CLASSES = {cls: type(f"AlphaMixed{cls.__name__}", (_AlphaMixing, cls), {"__module__": __name__})
+                  for cls in BATCH_NORMS}
+globals().update({c.__name__: c for c in _ALPHA_CLASSES.values()})
+
+
+def _alpha_class(cls):
+    if cls not in _ALPHA_CLASSES:
+        raise ConfigError(f"alpha mixing supports {[c.__name__ for c in BATCH_NORMS]}, not {cls.__name__}")
+    return _ALPHA_CLASSES[cls]
 
 
 def _alpha_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""Shared fixtures. Real-data tests read TTA_DATA_DIR and are skipped (with a reason) without it;
+CI sets it, so there they always run."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    root = os.environ.get("TTA_DATA_DIR")
+    if not root or not (Path(root) / "cifar10_test.npz").exists():
+        pytest.skip("real data not available: set TTA_DATA_DIR to a folder with cifar10_test.npz and models/")
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def cifar_test(data_dir):
+    """The CIFAR-10 test set as (uint8 N×3×32×32, labels)."""
+    from tta.data.datasets import load_cifar10
+    return load_cifar10(data_dir, "test")
+
+
+@pytest.fixture()
+def tiny_bn_model():
+    """A small random BN CNN with 10 outputs, for unit tests that need no real weights."""
+    torch.manual_seed(0)
+    from torch import nn
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
