@@ -222,3 +222,31 @@ def frost_dir_real():
     if folder is None or not folder.is_dir():
         pytest.skip("needs TTA_DATA_DIR with corruption_assets/frost")
     return folder
+
+
+@pytest.mark.parametrize("severity", [1, 2, 5])
+def test_elastic_transform_matches_opencv_and_scipy(imgs, severity):
+    """Same random draws (affine jitter, then the two fields) fed to cv2.warpAffine + map_coordinates."""
+    cv2 = pytest.importorskip("cv2")
+    from scipy.ndimage import map_coordinates
+    from skimage.filters import gaussian
+    alpha, sigma, affine = CIFAR["elastic_transform"][severity - 1]
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).double() / 255
+    ours = C.corrupt(x, "elastic_transform", severity, seed=3).permute(0, 2, 3, 1).numpy()
+    gen = torch.Generator().manual_seed(3)
+    jitter = (torch.rand((len(imgs), 3, 2), generator=gen, dtype=torch.float64) * 2 * affine - affine).numpy()
+    fields = (torch.rand((len(imgs), 2, 32, 32), generator=gen, dtype=torch.float64) * 2 - 1).numpy()
+    pts1 = np.float32([[26, 26], [26, 6], [6, 6]])
+    for i, img in enumerate(imgs):
+        image = np.float32(img) / 255.
+        m = cv2.getAffineTransform(pts1, (pts1 + jitter[i]).astype(np.float32))
+        image = cv2.warpAffine(image, m, (32, 32), borderMode=cv2.BORDER_REFLECT_101)
+        if alpha:
+            dx = gaussian(fields[i, 0], sigma, mode="reflect", truncate=3) * alpha
+            dy = gaussian(fields[i, 1], sigma, mode="reflect", truncate=3) * alpha
+            yy, xx = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+            image = np.stack([map_coordinates(image[..., ch], (yy + dy, xx + dx), order=1, mode="reflect")
+                              for ch in range(3)], -1)
+        # OpenCV quantises warp positions to 1/32 px: allow 2 levels, and nearly all pixels within 1.
+        diff = np.abs(ours[i] - _final(image))
+        assert diff.max() <= 2 / 255 + 1e-6 and (diff > ONE_LEVEL).mean() < 0.01

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._core import clipped_zoom, correlate1d, gaussian_filter, pad_index, truncate01, truncate255
+from ._core import clipped_zoom, correlate1d, gaussian_filter, pad_index, truncate01
 
 
 def disk_kernel(radius: float, alias_sigma: float, device=None) -> torch.Tensor:

@@ -69,7 +69,7 @@ def _load(folder: str, scale: float):
     pictures = []
     for name in FROST_FILES:
         with Image.open(path / name) as im:
-            pictures.append(_bilinear_scale(np.asarray(im.convert("RGB")), scale))
+            pictures.append(_bilinear_scale(np.array(im.convert("RGB")), scale))
     sizes = torch.tensor([p.shape[:2] for p in pictures], dtype=torch.long)
     hmax, wmax = int(sizes[:, 0].max()), int(sizes[:, 1].max())
     stack = torch.zeros(len(pictures), 3, hmax, wmax, dtype=torch.uint8)
