@@ -41,7 +41,7 @@ def load(name: str, checkpoint: Optional[str] = None, *, data_dir=None, **kwargs
         return hub.load_timm(rest, checkpoint=checkpoint, **kwargs).eval()
     if family == "openclip":
         from . import clip
-        return clip.load(rest, checkpoint=checkpoint, **kwargs).eval()
+        return clip.load(rest, checkpoint=checkpoint, data_dir=data_dir, **kwargs).eval()
     raise ConfigError(f"unknown model family {family!r} in {name!r}; expected one of: {', '.join(FAMILIES)}")
 
 

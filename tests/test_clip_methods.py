@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+import tta
+from tta.errors import ConfigError
+from tta.methods.tpt import PromptTuned
+from tta.models.clip import resize_center_crop
+from tta.parts.clip_losses import max_log_prob, otsu_threshold
+from tta.parts.views import augmented_views, crop_boxes
+
+from clip_helpers import tiny_clip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _x(n=6, seed=0, size=32):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_cliptta_predicts_after_its_steps_fills_memory_and_resets():
+    m = tiny_clip()
+    a = tta.wrap(m, "cliptta", sample_size=3, lr=1e-2)
+    assert a.steps == 10 and a.optimizer.defaults["eps"] == 1e-6 and a.per_class == 1
+    source = {k: v.clone() for k, v in a.model.state_dict().items()}
+    x = _x()
+    out = a(x)
+    assert a.counters["steps"] == 10 and len(a.memory) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(out, a.model(x))
+    assert out.shape == (6, 3) and a.last_ood_score.shape == (6,)
+    a.reset()
+    assert len(a.memory) == 0
+    assert all(torch.equal(v, source[k]) for k, v in a.model.state_dict().items())
+    torch.testing.assert_close(a(x), out)  # bit-for-bit reset -> same run again
+
+
+def test_cliptta_open_set_threshold_starts_at_otsu_of_the_batch_scores():
+    m = tiny_clip()
+    x = _x(8)
+    with torch.no_grad():
+        expected = otsu_threshold(max_log_prob(m(x), m.logit_scale.exp()))
+    a = tta.wrap(m, "cliptta", open_set=True, lr=0.0, steps=1)
+    assert "oce.alpha" in a.param_names
+    a(x)
+    assert float(a.oce.alpha) == pytest.approx(float(expected))
+    assert a.last["selected"] == int((max_log_prob(a.model(x), m.logit_scale.exp()) > expected).sum())
+
+
+def test_views_shape_first_view_and_boxes_in_bounds():
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(3, 40, 56)
+    v = augmented_views(img, 64, 32, g)
+    assert v.shape == (64, 3, 32, 32)
+    torch.testing.assert_close(v[0], resize_center_crop(img[None], 32)[0])
+    top, left, h, w = crop_boxes(500, 40, 56, g).unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 40).all() and (left + w <= 56).all()
+    area = h * w / (40 * 56)
+    assert area.min() >= 0.07 and area.max() <= 1.0
+
+
+def test_tpt_initial_prompt_reproduces_the_zero_shot_classifier():
+    m = tiny_clip()
+    x = _x(2)
+    with torch.no_grad():
+        torch.testing.assert_close(PromptTuned(m)(x), m(x), atol=1e-5, rtol=1e-5)
+    assert PromptTuned(m).ctx.shape[0] == 4
+
+
+def test_tpt_selects_views_tunes_only_the_prompt_and_resets_per_image():
+    a = tta.wrap(tiny_clip(), "tpt")
+    assert a.param_names == ["ctx"]
+    ctx0 = a.model.ctx.detach().clone()
+    x = _x(2)
+    both = a(x)
+    assert a.last["selected"] == 6 and a.last["views"] == 64
+    assert not torch.equal(a.model.ctx, ctx0)  # tuned on the last image
+    one_by_one = torch.cat([a(x[:1]), a(x[1:])])
+    torch.testing.assert_close(both, one_by_one)  # each image starts from the source prompt
+    b = tta.wrap(tiny_clip(), "tpt", views=16, keep=0.25)
+    b(x[:1])
+    assert b.last["selected"] == 4
+
+
+def test_adte_views_q_range_and_online_memory():
+    a = tta.wrap(tiny_clip(), "adte_views", gap=0.0, min_entries=2, views=8)
+    x = _x(5)
+    out = a(x)
+    assert out.shape == (5, 3) and a.last["selected"] == 1  # floor(0.1 * 8) = 0 -> at least 1
+    assert a.score.entries == 5  # online: every image entered the memory after being scored
+    q = a.score.class_q()
+    assert (q >= 0.01 - 1e-7).all() and (q <= 0.9 + 1e-7).all()
+    assert a.score.log_prior is not None
+    a.reset()
+    assert a.score.entries == 0
+
+
+def test_adte_views_two_pass_needs_fit_and_freezes_the_estimate():
+    a = tta.wrap(tiny_clip(), "adte_views", bias="two_pass", gap=0.0, views=8)
+    with pytest.raises(ConfigError, match="fit_bias"):
+        a(_x(1))
+    a.fit_bias(_x(4, seed=1))
+    assert a.score.entries == 4
+    a(_x(3))
+    assert a.score.entries == 4
+    with pytest.raises(ConfigError):
+        tta.wrap(tiny_clip(), "adte_views", bias="sometimes")
+
+
+def test_adte_label_adjustment_flag_changes_the_vote():
+    x, fit = _x(3), _x(6, seed=2)
+    outs = []
+    for adjust in (True, False):
+        a = tta.wrap(tiny_clip(), "adte_views", bias="two_pass", gap=0.0, views=8, label_adjust=adjust)
+        a.fit_bias(fit)
+        outs.append(a(x))
+    assert not torch.allclose(outs[0], outs[1])

@@ -1,0 +1,92 @@
+"""TPT (Shu et al., NeurIPS 2022; METHODS.md 3.11): tune 4 prompt context vectors per test image.
+
+Each image, independently: reset to the source prompt ("a photo of a"), make 64 views (view 0 = the
+image), keep the 10% of views with the lowest entropy, take one AdamW step (lr 5e-3) on the entropy
+of their mean prediction, and predict on view 0 with the tuned prompt. The image tower is frozen, so
+the views are encoded once; only the text side runs with gradients.
+
+The per-image reset restores the random generator too, so an image's prediction depends on that image
+alone (not on its position in the stream); the price is that every image gets the same crop boxes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapter import Adapter, Recipe
+from ..errors import ConfigError
+from ..parts.norm import SourceStats
+from ..parts.objectives import Entropy, entropy
+from ..parts.optim import OptimizerSpec
+from ..parts.views import augmented_views, lowest
+from . import register
+
+
+class PromptTuned(nn.Module):
+    """A CLIP classifier whose class prompts are ``[SOT] ctx_1..ctx_n <class name>. [EOT]`` with learnable
+    ``ctx`` (CoOp-style, shared by all classes), initialised from the embedding of ``ctx_init``."""
+
+    def __init__(self, classifier: nn.Module, ctx_init: str = "a photo of a"):
+        super().__init__()
+        if not hasattr(classifier, "text") or not hasattr(classifier, "tokenizer"):
+            raise ConfigError("tpt needs a CLIP zero-shot classifier (tta.models.load('openclip:...'))")
+        self.classifier = classifier
+        n_ctx = int((classifier.tokenizer([ctx_init])[0] > 0).sum()) - 2  # minus SOT and EOT
+        tokens = classifier.tokenizer([f"{ctx_init} {c}." for c in classifier.classnames]).to(classifier.mean.device)
+        with torch.no_grad():
+            emb = classifier.text.token_embedding(tokens)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("prefix", emb[:, :1], persistent=False)
+        self.register_buffer("suffix", emb[:, 1 + n_ctx:], persistent=False)
+        self.ctx = nn.Parameter(emb[0, 1:1 + n_ctx].clone())
+
+    def text_features(self) -> torch.Tensor:
+        """Normalised class embeddings from the current context (differentiable in ``ctx``)."""
+        ctx = self.ctx.unsqueeze(0).expand(self.prefix.shape[0], -1, -1)
+        x = torch.cat([self.prefix, ctx, self.suffix], 1)
+        return F.normalize(self.classifier.text.encode_embeddings(x, self.tokens), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.logits_from_features(self.classifier.encode_image(x), self.text_features())
+
+
+def marginal_entropy_log(logits: torch.Tensor) -> torch.Tensor:
+    """``H(mean_v softmax(z_v))`` with the mean taken in log space (``logsumexp - log n``), as TPT does."""
+    log_mean = torch.logsumexp(logits.log_softmax(1), 0) - torch.log(torch.tensor(float(logits.shape[0])))
+    return -(log_mean.exp() * log_mean).sum()
+
+
+class TPTAdapter(Adapter):
+    def __init__(self, model, recipe: Recipe, *, views: int = 64, keep: float = 0.1,
+                 ctx_init: str = "a photo of a", **kw):
+        super().__init__(PromptTuned(model, ctx_init), recipe, **kw)
+        self.views, self.keep = views, keep
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._tune_and_predict(image) for image in x])
+
+    def _tune_and_predict(self, image: torch.Tensor) -> torch.Tensor:
+        self.reset()
+        clf = self.model.classifier
+        with torch.no_grad():
+            u = clf.encode_image(augmented_views(image, self.views, clf.image_size, self.generator))
+        chosen = None
+        for _ in range(self.steps):
+            logits = clf.logits_from_features(u, self.model.text_features())
+            if chosen is None:  # views chosen once, at the first step
+                chosen = lowest(entropy(logits.detach()), self.keep)
+            loss = marginal_entropy_log(logits[chosen])
+            self.backward(loss)
+            self.optimizer_step()
+        self.last = {"selected": chosen.numel(), "loss": float(loss.detach()), "views": self.views}
+        with torch.no_grad():
+            return clf.logits_from_features(u[:1], self.model.text_features())
+
+
+@register("tpt")
+def tpt(model, *, views: int = 64, keep: float = 0.1, ctx_init: str = "a photo of a"):
+    """One AdamW step (lr 5e-3, weight decay 0.01) on 4 prompt vectors, episodic per image."""
+    return Recipe(norm=SourceStats(), params=lambda m: [("ctx", m.ctx)], objective=Entropy(),
+                  optimizer=OptimizerSpec("adamw", lr=5e-3, weight_decay=0.01), adapter_cls=TPTAdapter,
+                  options=dict(views=views, keep=keep, ctx_init=ctx_init))
