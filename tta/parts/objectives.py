@@ -1,11 +1,14 @@
 """Objectives: per-sample losses (shape ``(B,)``) and batch-level terms (scalars) computed from logits.
 
-Formulas: METHODS.md section 1 (Shannon entropy, marginal entropy, cross-entropy).
+Formulas: METHODS.md section 1 (Shannon entropy, marginal entropy, cross-entropy) and 3.8 (Tsallis, ADTE).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ..errors import ConfigError
 from .base import Part
 
 
@@ -40,3 +43,113 @@ class MarginalEntropyBonus(Part):
 
     def __call__(self, batch) -> torch.Tensor:
         return -self.weight * marginal_entropy(batch.logits)
+
+
+def tsallis_entropy(log_probs: torch.Tensor, q: float) -> torch.Tensor:
+    """``S_q(p) = (1 - sum_k p_k^q) / (q - 1)`` per row; exactly Shannon at ``q == 1``.
+
+    ``p^q`` is taken as ``exp(q log p)`` so its gradient stays finite where a probability underflows
+    to 0 (``q p^(q-1)`` is infinite there for q < 1).
+    """
+    if q == 1:
+        return -(log_probs.exp() * log_probs).sum(1)
+    return (1 - torch.exp(q * log_probs).sum(1)) / (q - 1)
+
+
+class Tsallis(Part):
+    """Tsallis entropy with a global ``q > 0`` as the per-sample objective (METHODS.md 3.8).
+
+    For q < 1 the small probabilities weigh more than under Shannon, so the loss is less dominated
+    by the head classes the model is biased towards.
+    """
+
+    def __init__(self, q: float = 0.1):
+        if not q > 0:
+            raise ConfigError(f"Tsallis q must be > 0, got {q}")
+        self.q = q
+
+    def __call__(self, batch) -> torch.Tensor:
+        return tsallis_entropy(batch.log_probs, self.q)
+
+
+class ClassDebiasedTsallis(Part):
+    """ADTE in classifier form: Tsallis entropy with a per-class ``q_l`` from an online label-bias estimate.
+
+    ADTE (METHODS.md 3.8) scores CLIP views without training; here its debiased entropy is the loss of
+    ordinary batch TTA on any classifier:
+
+    * memory: each sample of a batch that updates state, whose top-1/top-2 logit gap is ``>= gap``, is
+      stored (detached logits) under its arg-max class in a ``memory``-slot queue that always overwrites
+      the slot with the smallest gap (empty slots first). The batch's own samples are stored before its
+      loss is computed (the estimate uses everything seen so far, this batch included);
+    * bias: ``P[:, j]`` = mean softmax of class j's entries; power iteration ``pi <- P pi / ||P pi||``
+      from uniform (at most ``iters``, tolerance ``tol``); ``b = log pi`` (pi clamped at 1e-12);
+    * ``q_l`` = ``b`` min-max scaled into ``q_range`` (all ``q_range[0]`` when b is flat);
+    * loss per sample: the released score ``sum_l p_l^{q_l} / (1 - q_l)`` (for a global q this is
+      ``S_q`` plus the constant ``1/(1-q)``, so its gradient is that of Tsallis entropy);
+    * until the memory holds ``min_entries`` entries the loss is Shannon entropy.
+    ``q`` is recomputed only when the memory changed.
+    """
+
+    def __init__(self, memory: int = 20, gap: float = 1.0, q_range=(0.01, 0.9), min_entries: int = 100,
+                 iters: int = 500, tol: float = 1e-4):
+        lo, hi = q_range
+        if not 0 < lo <= hi < 1:
+            raise ConfigError(f"ADTE q_range must satisfy 0 < low <= high < 1, got {q_range}")
+        self.memory, self.gap, self.q_range = memory, gap, (lo, hi)
+        self.min_entries, self.iters, self.tol = min_entries, iters, tol
+        self.reset()
+
+    def reset(self) -> None:
+        self._logits = self._gaps = None  # (C, memory, C) stored logits, (C, memory) their gaps (-1: empty)
+        self._q: Optional[torch.Tensor] = None
+
+    @property
+    def entries(self) -> int:
+        return 0 if self._gaps is None else int((self._gaps >= 0).sum())
+
+    def remember(self, logits: torch.Tensor) -> None:
+        """Store the confident rows of ``logits`` (moved to the CPU: the memory is tiny and sequential)."""
+        logits = logits.detach().float().cpu()
+        c = logits.shape[1]
+        if self._gaps is None:
+            self._logits = torch.zeros(c, self.memory, c)
+            self._gaps = torch.full((c, self.memory), -1.0)
+        top = logits.topk(2, dim=1)
+        gaps = top.values[:, 0] - top.values[:, 1]
+        for i in torch.nonzero(gaps >= self.gap).flatten().tolist():
+            cls = int(top.indices[i, 0])
+            slot = int(self._gaps[cls].argmin())
+            self._logits[cls, slot], self._gaps[cls, slot] = logits[i], gaps[i]
+            self._q = None
+
+    def class_q(self) -> torch.Tensor:
+        """Per-class ``q`` from the current memory (see the class docstring)."""
+        filled = (self._gaps >= 0).float()  # (C, M)
+        probs = self._logits.softmax(2) * filled.unsqueeze(2)
+        p = (probs.sum(1) / filled.sum(1, keepdim=True).clamp_min(1)).T  # column j: class j's mean
+        c = p.shape[0]
+        pi = torch.full((c,), 1.0 / c)
+        for _ in range(self.iters):
+            new = p @ pi
+            new = new / new.norm().clamp_min(1e-12)
+            done = (new - pi).norm() < self.tol
+            pi = new
+            if done:
+                break
+        b = pi.clamp_min(1e-12).log()
+        lo, hi = self.q_range
+        span = b.max() - b.min()
+        if span <= 0:
+            return torch.full((c,), lo)
+        return lo + (b - b.min()) * (hi - lo) / span
+
+    def __call__(self, batch) -> torch.Tensor:
+        if batch.update_state:
+            self.remember(batch.logits)
+        if self.entries < self.min_entries:
+            return batch.entropy
+        if self._q is None:
+            self._q = self.class_q()
+        q = self._q.to(batch.logits.device)
+        return (torch.exp(q * batch.log_probs) / (1 - q)).sum(1)

@@ -76,8 +76,8 @@ Selector = Callable[[nn.Module], NamedParams]
 
 
 # ------------------------------------------------------------------------------------ skip the top
-# SAR and DeYO leave the norm layers of the top of the network alone: with noisy test-time gradients
-# the deepest norm layers are the ones that collapse first (METHODS.md 3.4). "The top" depends on the
+# SAR and DeYO leave the norm layers of the top of the network alone (their official code freezes
+# ResNet layer4 and ViT blocks 9-11 + the final norm, METHODS.md 3.4/3.5). "The top" depends on the
 # layout, so each rule below recognises one layout by its module names (matched on the name suffix,
 # so a ``Normalized`` wrapper's ``net.`` prefix or any other parent does not matter) and returns the
 # names of the modules that form its top.
