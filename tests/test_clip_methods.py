@@ -95,7 +95,7 @@ def test_adte_views_q_range_and_online_memory():
     assert a.score.entries == 5  # online: every image entered the memory after being scored
     q = a.score.class_q()
     assert (q >= 0.01 - 1e-7).all() and (q <= 0.9 + 1e-7).all()
-    assert a.score.log_prior is not None
+    assert a.score.bias_estimate is not None
     a.reset()
     assert a.score.entries == 0
 
@@ -120,3 +120,15 @@ def test_adte_label_adjustment_flag_changes_the_vote():
         a.fit_bias(fit)
         outs.append(a(x))
     assert not torch.allclose(outs[0], outs[1])
+
+
+def test_sar_and_deyo_skip_the_top_of_the_clip_visual_tower():
+    from tta.parts.params import top_modules
+    model = tiny_clip()
+    assert top_modules(model) == ["visual.transformer.resblocks.1", "visual.ln_post"]  # 2 blocks: top quarter = 1
+    for method in ("sar", "deyo"):
+        adapter = tta.wrap(tiny_clip(), method)
+        assert adapter.param_names and all(n.startswith("visual.") for n in adapter.param_names)
+        assert not any("resblocks.1." in n or "ln_post" in n for n in adapter.param_names)
+        logits = adapter(_x(8))
+        assert torch.isfinite(logits).all()

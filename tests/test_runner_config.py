@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tta import config
@@ -125,3 +126,19 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.startswith("error: unknown option") and "Traceback" not in out.stderr
+
+
+def test_fisher_images_from_an_imagenet_val_folder(tmp_path):
+    """EATA's ImageNet Fisher images: a seeded subset, shorter side resized to 256, centre crop 224."""
+    import numpy as np
+    from PIL import Image
+    from tta.eval.runner import fisher_images
+    for k, wnid in enumerate(("n01", "n02")):
+        (tmp_path / "imagenet" / "val" / wnid).mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(np.full((300, 400, 3), 40 * k + j, np.uint8)).save(tmp_path / "imagenet" / "val" / wnid / f"{j}.JPEG")
+    x = fisher_images({"dataset": "imagenet_val", "n": 4}, tmp_path, seed=1)
+    assert x.shape == (4, 3, 224, 224) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert torch.equal(x, fisher_images({"dataset": "imagenet_val", "n": 4}, tmp_path, seed=1))
+    with pytest.raises(ConfigError, match="dataset one of"):
+        fisher_images({"dataset": "svhn"}, tmp_path, seed=1)

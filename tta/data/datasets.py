@@ -113,6 +113,16 @@ def _robustbench_download(dataset: str, corruption: str, root: Path) -> None:
         pass
 
 
+def imagenet_val_files(data_dir=None) -> List[Path]:
+    """Clean ImageNet validation images in ImageFolder layout, ``<root>/imagenet/val/<wnid>/*.JPEG``."""
+    root = data_root(data_dir) / "imagenet" / "val"
+    paths = sorted(root.glob("*/*.JPEG")) if root.is_dir() else []
+    if not paths:
+        raise MissingFileError(f"clean ImageNet validation images not found: place them as {root}/<wnid>/*.JPEG "
+                               "(set TTA_DATA_DIR or data_dir to choose the folder)")
+    return paths
+
+
 def imagenet_c_files(corruption: str, severity: int, data_dir=None, subset_5000: bool = True,
                      n_examples: Optional[int] = None) -> Tuple[List[Path], torch.Tensor]:
     """Paths and labels of one ImageNet-C (corruption, severity) folder; labels are sorted-wnid indices.
@@ -141,13 +151,20 @@ def imagenet_c_files(corruption: str, severity: int, data_dir=None, subset_5000:
     return paths, labels
 
 
-def load_images(paths: List[Path], size: int = 224) -> torch.Tensor:
-    """Decode image files into uint8 NCHW (centre crop to ``size`` when larger; ImageNet-C is already 224)."""
+def load_images(paths: List[Path], size: int = 224, resize: Optional[int] = None) -> torch.Tensor:
+    """Decode image files into uint8 NCHW: optionally resize the shorter side to ``resize`` (PIL bilinear,
+    as torchvision's Resize), then centre crop to ``size`` (ImageNet-C files are already 224 px)."""
     from PIL import Image
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     for i, p in enumerate(paths):
         with Image.open(p) as im:
-            a = np.asarray(im.convert("RGB"))
+            im = im.convert("RGB")
+            if resize is not None:
+                w, h = im.size
+                scale = resize / min(w, h)
+                im = im.resize((resize if w <= h else int(w * scale), resize if h <= w else int(h * scale)),
+                               Image.BILINEAR)
+            a = np.asarray(im)
         h, w = a.shape[:2]
         if h < size or w < size:
             raise ConfigError(f"{p} is {w}x{h}, smaller than {size}px")

@@ -21,7 +21,7 @@ import torch
 
 from .. import config as config_mod
 from ..data import streams
-from ..data.datasets import load_cifar10, to_float
+from ..data.datasets import imagenet_val_files, load_cifar10, load_images, to_float
 from ..data.domains import DomainSet
 from ..errors import ConfigError
 from .metrics import ErrorAccumulator, mean
@@ -56,15 +56,19 @@ def build_adapter(cfg: Dict[str, Any], device: torch.device, data_dir=None):
 
 
 def fisher_images(spec: Dict[str, Any], data_dir, seed: int) -> torch.Tensor:
-    """A random subset of clean source images for EATA's Fisher estimate (``{dataset, n}``)."""
-    allowed = {"dataset", "n"}
-    if not isinstance(spec, dict) or set(spec) - allowed:
-        raise ConfigError(f"method.fisher must be a mapping with keys {sorted(allowed)}, got {spec!r}")
-    if spec.get("dataset", "cifar10_train") != "cifar10_train":
-        raise ConfigError(f"method.fisher.dataset: only cifar10_train is available, got {spec['dataset']!r}")
+    """A random subset of clean source images for EATA's Fisher estimate (``{dataset, n}``): CIFAR-10
+    training images, or ImageNet validation images (Resize 256, CenterCrop 224, as EATA)."""
+    allowed, datasets = {"dataset", "n"}, ("cifar10_train", "imagenet_val")
+    if not isinstance(spec, dict) or set(spec) - allowed or spec.get("dataset", datasets[0]) not in datasets:
+        raise ConfigError(f"method.fisher must be a mapping with keys {sorted(allowed)} and dataset one of "
+                          f"{datasets}, got {spec!r}")
+    n, g = int(spec.get("n", 2000)), torch.Generator().manual_seed(seed)
+    if spec.get("dataset", datasets[0]) == "imagenet_val":
+        paths = imagenet_val_files(data_dir)
+        idx = torch.randperm(len(paths), generator=g)[:n].tolist()
+        return to_float(load_images([paths[i] for i in idx], 224, resize=256))
     x, _ = load_cifar10(data_dir, "train")
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:int(spec.get("n", 2000))]
-    return to_float(x[idx])
+    return to_float(x[torch.randperm(len(x), generator=g)[:n]])
 
 
 def build_stream(cfg: Dict[str, Any]) -> streams.Stream:

@@ -26,31 +26,16 @@ BIAS_MODES = ("online", "two_pass")
 
 
 class ViewDebiasedTsallis(ClassDebiasedTsallis):
-    """:class:`ClassDebiasedTsallis` that also keeps the log prior ``b`` it derives ``q`` from.
-
-    The power iteration is repeated here because the parent does not expose ``b``; moving this
-    ``class_q`` into the parent would remove the copy.
-    """
+    """:class:`ClassDebiasedTsallis` that also keeps the log prior ``b`` it derives ``q`` from
+    (label adjustment subtracts it from the view logits)."""
 
     def reset(self) -> None:
         super().reset()
-        self.log_prior: Optional[torch.Tensor] = None
+        self.bias_estimate: Optional[torch.Tensor] = None
 
-    def class_q(self) -> torch.Tensor:
-        filled = (self._gaps >= 0).float()
-        p = ((self._logits.softmax(2) * filled.unsqueeze(2)).sum(1) / filled.sum(1, keepdim=True).clamp_min(1)).T
-        pi = torch.full((p.shape[0],), 1.0 / p.shape[0])
-        for _ in range(self.iters):
-            new = p @ pi
-            new = new / new.norm().clamp_min(1e-12)
-            done = (new - pi).norm() < self.tol
-            pi = new
-            if done:
-                break
-        b = self.log_prior = pi.clamp_min(1e-12).log()
-        lo, hi = self.q_range
-        span = b.max() - b.min()
-        return torch.full_like(b, lo) if span <= 0 else lo + (b - b.min()) * (hi - lo) / span
+    def class_q(self, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.bias_estimate = self.log_prior() if b is None else b
+        return super().class_q(self.bias_estimate)
 
 
 class ADTEViewsAdapter(Adapter):
@@ -86,8 +71,8 @@ class ADTEViewsAdapter(Adapter):
         z = self._view_logits(image)
         chosen = lowest(self.score(Batch(image, z, self, update_state=False)), self.keep)
         adjusted = z[chosen]
-        if self.label_adjust and self.score.log_prior is not None and self.score.entries >= self.score.min_entries:
-            adjusted = adjusted - self.score.log_prior.to(z.device)
+        if self.label_adjust and self.score.bias_estimate is not None and self.score.entries >= self.score.min_entries:
+            adjusted = adjusted - self.score.bias_estimate.to(z.device)
         vote = adjusted.softmax(1).mean(0)
         if self.bias == "online":
             self.score.remember(z.mean(0, keepdim=True))

@@ -123,8 +123,8 @@ class ClassDebiasedTsallis(Part):
             self._logits[cls, slot], self._gaps[cls, slot] = logits[i], gaps[i]
             self._q = None
 
-    def class_q(self) -> torch.Tensor:
-        """Per-class ``q`` from the current memory (see the class docstring)."""
+    def log_prior(self) -> torch.Tensor:
+        """``b = log pi``: the label-bias estimate of the current memory (power iteration, class docstring)."""
         filled = (self._gaps >= 0).float()  # (C, M)
         probs = self._logits.softmax(2) * filled.unsqueeze(2)
         p = (probs.sum(1) / filled.sum(1, keepdim=True).clamp_min(1)).T  # column j: class j's mean
@@ -137,11 +137,15 @@ class ClassDebiasedTsallis(Part):
             pi = new
             if done:
                 break
-        b = pi.clamp_min(1e-12).log()
+        return pi.clamp_min(1e-12).log()
+
+    def class_q(self, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-class ``q``: the log prior ``b`` (estimated from the memory when not given) min-max scaled."""
+        b = self.log_prior() if b is None else b
         lo, hi = self.q_range
         span = b.max() - b.min()
         if span <= 0:
-            return torch.full((c,), lo)
+            return torch.full_like(b, lo)
         return lo + (b - b.min()) * (hi - lo) / span
 
     def __call__(self, batch) -> torch.Tensor:

@@ -137,6 +137,16 @@ def _torchvision_vit(modules: Modules) -> Optional[List[str]]:
     return None
 
 
+def _openclip_vit(modules: Modules) -> Optional[List[str]]:
+    """open_clip's VisionTransformer: ``transformer.resblocks.<i>`` and the final ``ln_post``."""
+    for name in modules:
+        if name.endswith("transformer.resblocks") and _numbered(modules, name):
+            visual = name[: -len("transformer.resblocks")]
+            post = visual + "ln_post"
+            return _last_quarter(_numbered(modules, name)) + ([post] if isinstance(modules.get(post), NORMS) else [])
+    return None
+
+
 def _torchvision_swin(modules: Modules) -> Optional[List[str]]:
     """``features.<i>`` alternates patch merging and stages; the last stage starts at its patch merging."""
     for name in modules:
@@ -159,6 +169,7 @@ TOP_RULES = {
     "timm vit: last quarter of blocks + norm": _timm_vit,
     "torchvision vit: last quarter of encoder layers + encoder.ln": _torchvision_vit,
     "torchvision swin: last stage + norm": _torchvision_swin,
+    "open_clip vit: last quarter of resblocks + ln_post": _openclip_vit,
 }
 
 

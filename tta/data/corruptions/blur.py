@@ -8,13 +8,19 @@ Notes on fidelity:
 * glass_blur keeps the reference's copy-not-swap quirk, computed exactly and in parallel by pointer
   jumping (METHODS.md 4.5.5) instead of a per-pixel Python loop.
 * zoom_blur uses the float ``numpy.arange`` factor lists (7/12/16/21/26 factors for CIFAR).
+
+Speed: on small images (``_core.SPARSE_MAX_PIXELS``, i.e. CIFAR) every fixed linear filter here - the
+defocus correlation, each Gaussian, and the whole zoom average (image plus all its zooms) - is applied as
+one precomputed sparse (H*W, H*W) matrix built by running the direct code below on the basis images, on
+8-bit levels directly. Only the float64 summation order changes (~1e-13 of a level).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ._core import clipped_zoom, correlate1d, gaussian_filter, pad_index, truncate01
+from ._core import (apply_operator, clipped_zoom, correlate1d, gaussian_filter, linear_operator, pad_index,
+                    truncate01, truncate255, use_operator)
 
 
 def disk_kernel(radius: float, alias_sigma: float, device=None) -> torch.Tensor:
@@ -62,13 +68,26 @@ def filter2d_reflect101(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 def defocus_blur(x: torch.Tensor, c, generator=None) -> torch.Tensor:
     """Correlate with an anti-aliased disk (deterministic)."""
     radius, alias = c
+    if use_operator(x):
+        op = linear_operator(("defocus", float(radius), float(alias)), x.shape[-2], x.shape[-1], x.device,
+                             lambda e: filter2d_reflect101(e, _crop_support(disk_kernel(radius, alias))))
+        return truncate255(apply_operator(op, x))
     kernel = _crop_support(disk_kernel(radius, alias, x.device))
     return truncate01(filter2d_reflect101(x / 255, kernel))
 
 
+def gaussian_levels(x: torch.Tensor, sigma: float, mode: str = "nearest", truncate: float = 4.0) -> torch.Tensor:
+    """``uint8(gaussian_filter(levels / 255) * 255)``: a Gaussian blur of 8-bit levels, truncated."""
+    if use_operator(x):
+        op = linear_operator(("gaussian", float(sigma), mode, float(truncate)), x.shape[-2], x.shape[-1],
+                             x.device, lambda e: gaussian_filter(e, sigma, mode, truncate))
+        return truncate255(apply_operator(op, x))
+    return truncate01(gaussian_filter(x / 255, sigma, mode, truncate))
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float, generator=None) -> torch.Tensor:
     """scikit-image ``gaussian`` (mode 'nearest', truncate 4) per channel (deterministic)."""
-    return truncate01(gaussian_filter(x / 255, sigma, "nearest", 4.0))
+    return gaussian_levels(x, sigma, "nearest", 4.0)
 
 
 def glass_sources(height: int, width: int, delta: int, generator, batch: int, device) -> torch.Tensor:
@@ -111,19 +130,27 @@ def glass_blur(x: torch.Tensor, c, generator) -> torch.Tensor:
     """Gaussian blur, truncate to uint8, locally shuffle pixels by the copy loop, blur again."""
     sigma, delta, iterations = c
     b, ch, h, w = x.shape
-    levels = truncate01(gaussian_filter(x / 255, sigma, "nearest", 4.0))
+    levels = gaussian_levels(x, sigma, "nearest", 4.0)
     flat = levels.reshape(b, ch, h * w)
     for _ in range(iterations):
         src = glass_sources(h, w, delta, generator, b, x.device)
         flat = flat.gather(2, src[:, None, :].expand(-1, ch, -1))
     shuffled = flat.reshape(b, ch, h, w)
-    return truncate01(gaussian_filter(shuffled / 255, sigma, "nearest", 4.0))
+    return gaussian_levels(shuffled, sigma, "nearest", 4.0)
+
+
+def _zoom_average(x: torch.Tensor, factors) -> torch.Tensor:
+    acc = x.clone()
+    for z in factors:
+        acc += clipped_zoom(x, z)
+    return acc / (len(factors) + 1)
 
 
 def zoom_blur(x: torch.Tensor, factors, generator=None) -> torch.Tensor:
     """Average of the image and its central zooms by each factor (deterministic)."""
-    x = x / 255
-    acc = x.clone()
-    for z in factors:
-        acc += clipped_zoom(x, z)
-    return truncate01(acc / (len(factors) + 1))
+    if use_operator(x):
+        factors = tuple(float(z) for z in factors)
+        op = linear_operator(("zoom", factors), x.shape[-2], x.shape[-1], x.device,
+                             lambda e: _zoom_average(e, factors))
+        return truncate255(apply_operator(op, x))
+    return truncate01(_zoom_average(x / 255, factors))

@@ -1,0 +1,25 @@
+# Two commands: `make demo` (offline demo) and `make test` (the test suite). Each creates .venv and
+# installs the package (with its test extras) on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tta-installed
+
+.PHONY: demo test install clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/tta demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra --durations=15
+
+clean:
+	rm -rf $(VENV) results
