@@ -4,8 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import tta
 from tta.errors import ConfigError, InputError

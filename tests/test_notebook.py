@@ -1,5 +1,4 @@
 """The quick-start notebook runs headless on a small subset, so it never goes stale."""
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ def test_quickstart_notebook_executes(data_dir, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("TTA_NOTEBOOK_N", "400")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()

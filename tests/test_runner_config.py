@@ -87,7 +87,7 @@ def run_cli(tmp_path, run_name, extra=(), wait=True):
 @pytest.mark.realdata
 def test_run_writes_outputs_and_is_deterministic_across_processes(data_dir, tmp_path):
     a, b = run_cli(tmp_path, "a"), run_cli(tmp_path, "b")
-    assert a.returncode == 0, a.stderr
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert "| tent |" in a.stdout and "gaussian_noise-5" in a.stdout
     ra = json.loads((tmp_path / "a" / "results.json").read_text())
     rb = json.loads((tmp_path / "b" / "results.json").read_text())

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, MissingFileError
-from ..paths import data_root, find_file
+from ..paths import data_root
 
 C_FOLDERS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
 ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100"}
@@ -38,14 +38,23 @@ def _nhwc_to_tensor(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def load_npz(path) -> Tuple[torch.Tensor, torch.Tensor]:
-    """An ``.npz`` with ``x`` uint8 (N, H, W, 3) and ``y`` labels."""
+def read_npz(path) -> Tuple[np.ndarray, np.ndarray]:
+    """The arrays of an ``.npz`` holding ``x`` uint8 (N, H, W, 3) and ``y`` labels, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"image set not found: {path}")
     with np.load(path) as f:
         if "x" not in f or "y" not in f:
             raise ConfigError(f"{path} must hold arrays 'x' (uint8 N,H,W,3) and 'y'; it has {list(f.keys())}")
         x, y = f["x"], f["y"]
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ConfigError(f"{path}: 'x' must be uint8 of shape (N, H, W, 3), got {x.dtype} {x.shape}")
+    return x, y
+
+
+def load_npz(path) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``read_npz`` as tensors: uint8 NCHW images and int64 labels."""
+    x, y = read_npz(path)
     return _nhwc_to_tensor(x), torch.from_numpy(y.astype(np.int64))
 
 

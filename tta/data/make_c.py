@@ -20,9 +20,10 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, MissingFileError
+from ..errors import ConfigError
 from .corruptions import CORRUPTIONS, RNG_CHUNK, corrupt_dataset
 from .corruptions.api import check_name, check_severity
+from .datasets import read_npz
 
 SIDECAR = "make_c.json"
 
@@ -63,16 +64,7 @@ def _is_complete(path: Path, shape, record: Optional[dict], wanted: dict) -> boo
 
 def load_source(source) -> tuple:
     """Images (N, H, W, 3) uint8 and labels (N,) from an ``.npz`` with keys ``x`` and ``y``."""
-    path = Path(source)
-    if not path.is_file():
-        raise MissingFileError(f"source image set not found: {path}")
-    with np.load(path) as data:
-        if "x" not in data or "y" not in data:
-            raise ConfigError(f"{path} must hold arrays 'x' (N, H, W, 3) uint8 and 'y' (N,), has {list(data)}")
-        x, y = data["x"], data["y"]
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ConfigError(f"{path}: 'x' must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
-    return x, y
+    return read_npz(source)
 
 
 def make_c(source, out, corruptions: Optional[Iterable[str]] = None, severities: Sequence[int] = (1, 2, 3, 4, 5),

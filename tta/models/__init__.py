@@ -11,7 +11,7 @@ from typing import Optional
 from torch import nn
 
 from ..errors import ConfigError, MissingFileError
-from ..paths import data_root, find_file
+from ..paths import data_root
 from .common import IMAGENET_MEAN, IMAGENET_STD, Normalized
 
 FAMILIES = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",

@@ -37,30 +37,28 @@ def _json(name: str) -> dict:
     return json.loads((_DATA / name).read_text())
 
 
+def _named_or_list(value, table: str, what: str, valid, rule: str) -> List[str]:
+    """A named entry of a bundled JSON table, or a user list whose items pass ``valid``."""
+    if isinstance(value, str):
+        entries = _json(table)
+        if value not in entries:
+            raise ConfigError(f"unknown {what} {value!r}; expected a list or one of {sorted(entries)}")
+        return list(entries[value])
+    out = list(value)
+    if not out or not all(isinstance(v, str) and valid(v) for v in out):
+        raise ConfigError(f"{what} must be a non-empty list of strings{rule}")
+    return out
+
+
 def class_names(classes: Union[str, Sequence[str]]) -> List[str]:
     """A list of class names, or a named set: ``cifar10``, ``cifar100``, ``imagenet``."""
-    if isinstance(classes, str):
-        table = _json("clip_classes.json")
-        if classes not in table:
-            raise ConfigError(f"unknown class set {classes!r}; expected a list of names or one of {sorted(table)}")
-        return list(table[classes])
-    names = list(classes)
-    if not names or not all(isinstance(c, str) for c in names):
-        raise ConfigError("classes must be a non-empty list of class-name strings")
-    return names
+    return _named_or_list(classes, "clip_classes.json", "classes", lambda v: True, "")
 
 
 def prompt_templates(templates: Union[str, Sequence[str]]) -> List[str]:
     """``single`` ("a photo of a {}."), ``ensemble`` (the 80 ImageNet templates), or a list with ``{}``."""
-    if isinstance(templates, str):
-        table = _json("clip_templates.json")
-        if templates not in table:
-            raise ConfigError(f"unknown templates {templates!r}; expected a list or one of {sorted(table)}")
-        return list(table[templates])
-    out = list(templates)
-    if not out or not all(isinstance(t, str) and "{}" in t for t in out):
-        raise ConfigError("templates must be a non-empty list of strings each containing '{}'")
-    return out
+    return _named_or_list(templates, "clip_templates.json", "templates", lambda v: "{}" in v,
+                          " each containing '{}'")
 
 
 def tiny_config(image_size: int = 32, patch_size: int = 8, width: int = 64, layers: int = 2,

@@ -32,7 +32,7 @@ import pickle
 import sys
 import types
 from pathlib import Path
-from typing import Iterator, List, Optional, Union
+from typing import Iterator, List, Union
 
 from ..errors import ConfigError, MissingFileError, TTAError
 from ..paths import data_root
