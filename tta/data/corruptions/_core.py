@@ -11,6 +11,7 @@ Boundary modes follow docs/METHODS.md 4.5.5: SciPy/scikit-image ``nearest`` = re
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Hashable
 
 import torch
@@ -179,7 +180,9 @@ def linear_operator(key: Hashable, height: int, width: int, device, build: Calla
         n = height * width
         basis = torch.eye(n, dtype=torch.float64).reshape(n, 1, height, width)
         response = build(basis).reshape(n, n)          # row j = image of the j-th basis pixel
-        op = response.T.contiguous().to_sparse_csr().to(device)
+        with warnings.catch_warnings():          # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            op = response.T.contiguous().to_sparse_csr().to(device)
         if len(_OPERATORS) >= 64:
             _OPERATORS.clear()
         _OPERATORS[cache_key] = op

@@ -3,7 +3,7 @@
 The reference scripts call ImageMagick through Wand. Its kernel is reproduced exactly: n = 2*ceil(radius)+1
 one-sided taps with half-Gaussian weights, tap offsets ``ceil(j*cos(a) - 1/2)`` / ``ceil(j*sin(a) - 1/2)``
 computed in float64 with ImageMagick's hypot normalisation, and edge-clamped sampling. The taps are
-applied as n batched gathers (one per tap, all images and channels at once).
+applied as n batched gathers (one per tap, all images and channels at once), accumulated in tap order.
 
 Deviation, documented: the final quantiser is build-dependent in ImageMagick. We use the Q16 non-HDRI
 rule of ImageMagick 6.9.x (round to 16 bits, then truncate to 8 bits: ``floor(floor(257*O + 1/2) / 257)``),
@@ -40,20 +40,17 @@ def motion_blur_levels(x: torch.Tensor, radius: float, sigma: float, angle_deg: 
     """Motion-blur 8-bit levels (B, C, H, W) with one angle per image; returns quantised levels."""
     b, c, h, w_ = x.shape
     weights, dx, dy = motion_kernel(radius, sigma, angle_deg)
-    rows = torch.arange(h, device=x.device)
-    cols = torch.arange(w_, device=x.device)
-    # Pixel-major layout so that one index moves all channels of a pixel together.
-    flat = x.permute(0, 2, 3, 1).reshape(b * h * w_, c)
-    base = (torch.arange(b, device=x.device) * (h * w_)).view(b, 1, 1)
-    acc = torch.zeros(b * h * w_, c, dtype=torch.float64, device=x.device)
-    for t in range(weights.numel()):
-        r = (rows[None] + dy[:, t:t + 1]).clamp_(0, h - 1)          # (B, H)
-        k = (cols[None] + dx[:, t:t + 1]).clamp_(0, w_ - 1)         # (B, W)
-        idx = (base + r[:, :, None] * w_ + k[:, None, :]).reshape(-1)
-        acc.add_(flat.index_select(0, idx), alpha=float(weights[t]))
+    flat = x.reshape(b, c, h * w_)
+    # Per image and tap, the clamped source row (times W) and column; the flat source index of a pixel
+    # is their sum, shared by all channels (an expanded index, no copy).
+    src_row = (torch.arange(h, device=x.device)[None, None] + dy[:, :, None]).clamp_(0, h - 1).mul_(w_)
+    src_col = (torch.arange(w_, device=x.device)[None, None] + dx[:, :, None]).clamp_(0, w_ - 1)
+    acc = torch.zeros(b, c, h * w_, dtype=torch.float64, device=x.device)
+    for t, weight in enumerate(weights.tolist()):
+        idx = (src_row[:, t, :, None] + src_col[:, t, None, :]).reshape(b, 1, h * w_).expand(b, c, h * w_)
+        acc.add_(flat.gather(2, idx), alpha=weight)
     q = torch.floor(257 * acc + 0.5).clamp_(0, 65535)
-    out = torch.floor(q / 257)
-    return out.reshape(b, h, w_, c).permute(0, 3, 1, 2)
+    return torch.floor(q / 257).reshape(b, c, h, w_)
 
 
 def motion_blur(x: torch.Tensor, c, generator) -> torch.Tensor:

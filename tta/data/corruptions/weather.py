@@ -3,29 +3,41 @@
 snow blurs its flake layer with the ImageMagick motion-blur model of motion.py (no ImageMagick needed).
 fog uses the reference's diamond-square plasma fractal, vectorised over the batch, keeping its quirk that
 the random offset added at each refinement is ``wibble * U(-wibble, wibble)`` (amplitude ~ wibble^2).
-Deviation, documented: the reference computes snow in float32; we use float64 throughout.
+Deviation, documented: the reference computes snow in float32; we use float64 throughout (the flake
+noise is drawn as float32 normals, then converted). The image part of snow runs in 8-bit level units,
+which changes only the float64 rounding order.
 """
 from __future__ import annotations
 
 import torch
 
-from ._core import clipped_zoom, rand_uniform, truncate01
+from ._core import (apply_operator, clipped_zoom, linear_operator, rand_uniform, truncate01, truncate255,
+                    use_operator)
 from .motion import motion_blur_levels
+
+
+def _zoomed(x: torch.Tensor, z: float) -> torch.Tensor:
+    """``clipped_zoom`` (as a cached sparse operator on small images)."""
+    if use_operator(x):
+        op = linear_operator(("clipped_zoom", float(z)), x.shape[-2], x.shape[-1], x.device,
+                             lambda e: clipped_zoom(e, z))
+        return apply_operator(op, x)
+    return clipped_zoom(x, z)
 
 
 def snow(x: torch.Tensor, c, generator) -> torch.Tensor:
     """Zoomed, thresholded noise flakes, motion-blurred downwards, added twice (once rotated by 180 deg)."""
     mean, std, zoom, threshold, blur_radius, blur_sigma, blend = c
     batch, _, h, w = x.shape
-    x = x / 255
-    layer = mean + std * torch.randn((batch, 1, h, w), generator=generator, device=x.device, dtype=x.dtype)
-    layer = clipped_zoom(layer, zoom)
+    noise = torch.randn((batch, 1, h, w), generator=generator, device=x.device, dtype=torch.float32)
+    layer = _zoomed(noise.to(x.dtype).mul_(std).add_(mean), zoom)
     layer = torch.where(layer < threshold, torch.zeros_like(layer), layer)
     angle = rand_uniform((batch,), -135.0, -45.0, generator, x.device)
-    flakes = motion_blur_levels(truncate01(layer), blur_radius, blur_sigma, angle) / 255
+    flakes = motion_blur_levels(truncate01(layer), blur_radius, blur_sigma, angle)
+    # The rest in 8-bit level units (x is levels): x <- blend x + (1 - blend) max(x, 1.5 gray + 1/2).
     gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-    x = blend * x + (1 - blend) * torch.maximum(x, gray * 1.5 + 0.5)
-    return truncate01(x + flakes + flakes.flip(-1, -2))
+    out = torch.maximum(x, gray.mul_(1.5).add_(127.5)).mul_(1 - blend).add_(x, alpha=blend)
+    return truncate255(out.add_(flakes).add_(flakes.flip(-1, -2)))
 
 
 def plasma_fractal(batch: int, size: int, decay: float, generator, device, normalise: bool = True) -> torch.Tensor:
