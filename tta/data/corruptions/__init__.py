@@ -12,7 +12,12 @@ casts, glass-blur copy-not-swap, float arange zoom lists, frost1-5 only, fog noi
 Deviations are listed in each module's docstring: the random generator (torch, seeded, instead of
 NumPy's unseeded global state), ImageMagick motion blur replaced by its exact kernel model
 (motion.py), frost JPEGs decoded by Pillow (frost.py), float64 everywhere (the reference uses float32
-in snow, frost blending inputs and elastic_transform).
+in snow, frost blending inputs and elastic_transform; our normal draws are float32, then converted).
+
+Speed (issue 3): fixed linear filters on small images run as cached sparse operators (``_core``),
+brightness as a 256 x 256 table, shot noise by inverse-CDF lookup, JPEG through torchvision's libjpeg ops
+when they give Pillow's exact pixels; tests/test_corruptions_fastpaths.py checks each against the direct
+code or the exact distribution.
 """
 from .api import (ALL_CORRUPTIONS, CORRUPTIONS, DETERMINISTIC, EXTRA_CORRUPTIONS, OPS, Corrupt,
                   corrupt)

@@ -166,6 +166,18 @@ SPARSE_MAX_PIXELS = 48 * 48
 _OPERATORS: dict = {}
 
 
+def _cached_operator(cache_key, device, make_dense: Callable) -> torch.Tensor:
+    op = _OPERATORS.get(cache_key)
+    if op is None:
+        with warnings.catch_warnings():          # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            op = make_dense().to_sparse_csr().to(device)
+        if len(_OPERATORS) >= 64:
+            _OPERATORS.clear()
+        _OPERATORS[cache_key] = op
+    return op
+
+
 def linear_operator(key: Hashable, height: int, width: int, device, build: Callable) -> torch.Tensor:
     """The fixed linear map ``build`` on (B, 1, H, W) float64 images as a sparse CSR (H*W, H*W) matrix.
 
@@ -174,19 +186,47 @@ def linear_operator(key: Hashable, height: int, width: int, device, build: Calla
     float64 summation order (~1e-13 of a level here). Cached per ``key`` (which must identify ``build``
     and its constants), size and device.
     """
-    cache_key = (key, int(height), int(width), str(torch.device(device)))
-    op = _OPERATORS.get(cache_key)
-    if op is None:
+    def make_dense():
         n = height * width
         basis = torch.eye(n, dtype=torch.float64).reshape(n, 1, height, width)
-        response = build(basis).reshape(n, n)          # row j = image of the j-th basis pixel
-        with warnings.catch_warnings():          # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            op = response.T.contiguous().to_sparse_csr().to(device)
-        if len(_OPERATORS) >= 64:
-            _OPERATORS.clear()
-        _OPERATORS[cache_key] = op
-    return op
+        return build(basis).reshape(n, n).T.contiguous()    # column j = image of the j-th basis pixel
+
+    return _cached_operator(("basis", key, int(height), int(width), str(torch.device(device))), device, make_dense)
+
+
+def axis_matrix(build: Callable, n: int, dim: int) -> torch.Tensor:
+    """(n, n) matrix of a linear map that acts along one axis (``dim`` -2: rows, -1: columns) only.
+
+    ``build`` is applied to the n basis images of shape (n, 1, n, 1) or (n, 1, 1, n); it must leave a
+    length-1 other axis alone.
+    """
+    shape = (n, 1, n, 1) if dim == -2 else (n, 1, 1, n)
+    return build(torch.eye(n, dtype=torch.float64).reshape(shape)).reshape(n, n).T.contiguous()
+
+
+def kron_operator(key: Hashable, height: int, width: int, device, terms: Callable,
+                  divide: float = 1.0) -> torch.Tensor:
+    """Like ``linear_operator`` for a sum of separable maps: ``terms()`` gives (row matrix, column matrix)
+    pairs (from ``axis_matrix``), the operator is the sum of their Kronecker products divided by ``divide``. Much cheaper to build than applying the map to all H*W basis images."""
+    def make_dense():
+        rows, cols = zip(*terms())
+        rows, cols = torch.stack(rows), torch.stack(cols)            # (T, H, H), (T, W, W)
+        total = torch.einsum("tab,tcd->acbd", rows, cols).reshape(height * width, height * width)
+        return total / divide if divide != 1.0 else total
+
+    return _cached_operator(("kron", key, int(height), int(width), str(torch.device(device))), device, make_dense)
+
+
+def gaussian_operator(sigma: float, mode: str, truncate: float, height: int, width: int, device) -> torch.Tensor:
+    """``gaussian_filter(., sigma, mode, truncate)`` on (H, W) images as a cached sparse operator."""
+    def terms():
+        if sigma <= 1e-15:
+            return [(torch.eye(height, dtype=torch.float64), torch.eye(width, dtype=torch.float64))]
+        k = gaussian_kernel(sigma, truncate, "cpu")
+        return [(axis_matrix(lambda e: correlate1d(e, k, -2, mode), height, -2),
+                 axis_matrix(lambda e: correlate1d(e, k, -1, mode), width, -1))]
+
+    return kron_operator(("gaussian", float(sigma), mode, float(truncate)), height, width, device, terms)
 
 
 def apply_operator(op: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._core import (apply_operator, clipped_zoom, correlate1d, gaussian_filter, linear_operator, pad_index,
-                    truncate01, truncate255, use_operator)
+from ._core import (apply_operator, axis_matrix, clipped_zoom, correlate1d, gaussian_filter, gaussian_operator,
+                    kron_operator, pad_index, truncate01, truncate255, use_operator)
 
 
 def disk_kernel(radius: float, alias_sigma: float, device=None) -> torch.Tensor:
@@ -69,8 +69,16 @@ def defocus_blur(x: torch.Tensor, c, generator=None) -> torch.Tensor:
     """Correlate with an anti-aliased disk (deterministic)."""
     radius, alias = c
     if use_operator(x):
-        op = linear_operator(("defocus", float(radius), float(alias)), x.shape[-2], x.shape[-1], x.device,
-                             lambda e: filter2d_reflect101(e, _crop_support(disk_kernel(radius, alias))))
+        h, w = x.shape[-2:]
+
+        def terms():   # one (shifted rows, shifted columns) pair per kernel tap, reflect-101 borders
+            kernel = _crop_support(disk_kernel(radius, alias))
+            r = kernel.shape[0] // 2
+            rows = F.one_hot(pad_index(h, r, r, "mirror", "cpu"), h).to(torch.float64)
+            cols = F.one_hot(pad_index(w, r, r, "mirror", "cpu"), w).to(torch.float64)
+            return [(float(kernel[i, j]) * rows[i:i + h], cols[j:j + w]) for i, j in torch.nonzero(kernel).tolist()]
+
+        op = kron_operator(("defocus", float(radius), float(alias)), h, w, x.device, terms)
         return truncate255(apply_operator(op, x))
     kernel = _crop_support(disk_kernel(radius, alias, x.device))
     return truncate01(filter2d_reflect101(x / 255, kernel))
@@ -79,8 +87,7 @@ def defocus_blur(x: torch.Tensor, c, generator=None) -> torch.Tensor:
 def gaussian_levels(x: torch.Tensor, sigma: float, mode: str = "nearest", truncate: float = 4.0) -> torch.Tensor:
     """``uint8(gaussian_filter(levels / 255) * 255)``: a Gaussian blur of 8-bit levels, truncated."""
     if use_operator(x):
-        op = linear_operator(("gaussian", float(sigma), mode, float(truncate)), x.shape[-2], x.shape[-1],
-                             x.device, lambda e: gaussian_filter(e, sigma, mode, truncate))
+        op = gaussian_operator(sigma, mode, truncate, x.shape[-2], x.shape[-1], x.device)
         return truncate255(apply_operator(op, x))
     return truncate01(gaussian_filter(x / 255, sigma, mode, truncate))
 
@@ -149,8 +156,14 @@ def _zoom_average(x: torch.Tensor, factors) -> torch.Tensor:
 def zoom_blur(x: torch.Tensor, factors, generator=None) -> torch.Tensor:
     """Average of the image and its central zooms by each factor (deterministic)."""
     if use_operator(x):
+        h, w = x.shape[-2:]
         factors = tuple(float(z) for z in factors)
-        op = linear_operator(("zoom", factors), x.shape[-2], x.shape[-1], x.device,
-                             lambda e: _zoom_average(e, factors))
+
+        def terms():   # the image itself, then each clipped zoom (separable: rows and columns alike)
+            eye = [(torch.eye(h, dtype=torch.float64), torch.eye(w, dtype=torch.float64))]
+            return eye + [(axis_matrix(lambda e: clipped_zoom(e, z), h, -2),
+                           axis_matrix(lambda e: clipped_zoom(e, z), w, -1)) for z in factors]
+
+        op = kron_operator(("zoom", factors), h, w, x.device, terms, divide=len(factors) + 1)
         return truncate255(apply_operator(op, x))
     return truncate01(_zoom_average(x / 255, factors))

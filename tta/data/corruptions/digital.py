@@ -47,7 +47,7 @@ def brightness(x: torch.Tensor, c: float, generator=None) -> torch.Tensor:
     """Add ``c`` to the HSV value channel (deterministic)."""
     table = brightness_table(float(c), str(x.device))
     index = torch.add(x, x.amax(1, keepdim=True), alpha=256).to(torch.long)
-    return table[index].to(x.dtype)
+    return table.index_select(0, index.reshape(-1)).reshape(x.shape).to(x.dtype)
 
 
 def brightness_hsv(x: torch.Tensor, c: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._core import apply_operator, gaussian_filter, linear_operator, rand_uniform, truncate01, use_operator
+from ._core import apply_operator, gaussian_filter, gaussian_operator, rand_uniform, truncate01, use_operator
 
 
 def _affine_grid(src_pts: torch.Tensor, dst_pts: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -54,9 +54,7 @@ def elastic_transform(x: torch.Tensor, c, generator) -> torch.Tensor:
         return truncate01(warped)
     fields = rand_uniform((batch, 2, h, w), -1.0, 1.0, generator, x.device)
     if use_operator(fields):        # the same Gaussian as one cached sparse matrix (see _core)
-        op = linear_operator(("gaussian", float(sigma), "reflect", 3.0), h, w, x.device,
-                             lambda e: gaussian_filter(e, sigma, "reflect", 3.0))
-        smooth = apply_operator(op, fields)
+        smooth = apply_operator(gaussian_operator(sigma, "reflect", 3.0, h, w, x.device), fields)
     else:
         smooth = gaussian_filter(fields, sigma, "reflect", 3.0)
     dx, dy = (smooth * alpha).unbind(1)

@@ -61,13 +61,13 @@ def shot_noise(x: torch.Tensor, scale: float, generator) -> torch.Tensor:
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
     levels = x.to(torch.long)
     index = (u * POISSON_BINS).to(torch.long).add_(levels, alpha=POISSON_BINS)
-    out = table[index].to(x.dtype)
-    open_bins = (out < 0).nonzero(as_tuple=True)
-    if open_bins[0].numel():
-        rows = cdf[levels[open_bins]]
-        count = torch.searchsorted(rows, u[open_bins][:, None], right=True)[:, 0]
-        out[open_bins] = out_level[count]
-    return out
+    out = table.index_select(0, index.reshape(-1)).to(x.dtype)
+    open_bins = (out < 0).nonzero()[:, 0]
+    if open_bins.numel():
+        rows = cdf.index_select(0, levels.reshape(-1).index_select(0, open_bins))
+        count = torch.searchsorted(rows, u.reshape(-1).index_select(0, open_bins)[:, None], right=True)[:, 0]
+        out.index_copy_(0, open_bins, out_level.index_select(0, count))
+    return out.reshape(x.shape)
 
 
 def impulse_noise(x: torch.Tensor, amount: float, generator) -> torch.Tensor:

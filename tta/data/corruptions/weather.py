@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from ._core import (apply_operator, clipped_zoom, linear_operator, rand_uniform, truncate01, truncate255,
-                    use_operator)
+from ._core import (apply_operator, axis_matrix, clipped_zoom, kron_operator, rand_uniform, truncate01,
+                    truncate255, use_operator)
 from .motion import motion_blur_levels
 
 
 def _zoomed(x: torch.Tensor, z: float) -> torch.Tensor:
     """``clipped_zoom`` (as a cached sparse operator on small images)."""
     if use_operator(x):
-        op = linear_operator(("clipped_zoom", float(z)), x.shape[-2], x.shape[-1], x.device,
-                             lambda e: clipped_zoom(e, z))
+        h, w = x.shape[-2:]
+        op = kron_operator(("clipped_zoom", float(z)), h, w, x.device,
+                           lambda: [(axis_matrix(lambda e: clipped_zoom(e, z), h, -2),
+                                     axis_matrix(lambda e: clipped_zoom(e, z), w, -1))])
         return apply_operator(op, x)
     return clipped_zoom(x, z)
 
