@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tta demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra -n 2 --durations=15
 
 clean:
 	rm -rf $(VENV) results

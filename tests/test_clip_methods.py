@@ -11,14 +11,6 @@ from tta.parts.views import augmented_views, crop_boxes
 from clip_helpers import tiny_clip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _x(n=6, seed=0, size=32):
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 

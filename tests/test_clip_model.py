@@ -10,14 +10,6 @@ from tta.parts.params import NormAffine
 from clip_helpers import tiny_clip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_logits_are_scaled_cosines_on_any_image_size():
     m = tiny_clip()
     x = torch.rand(5, 3, 40, 48)

@@ -9,7 +9,6 @@ import torch
 from tta.data import corruptions as C
 from tta.errors import InputError, MissingFileError, TTAError
 
-torch.set_num_threads(2)
 RANDOM = [n for n in C.ALL_CORRUPTIONS if n not in C.DETERMINISTIC]
 # Corruptions whose reference constants do not make the mean change from the clean image grow at every
 # step (e.g. saturate: x0.1 at severity 2 is stronger than x1.5 at 3; spatter switches from water to mud

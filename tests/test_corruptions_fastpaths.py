@@ -22,8 +22,6 @@ from tta.data.corruptions.blur import (_crop_support, _zoom_average, defocus_blu
 from tta.data.corruptions.motion import motion_blur_levels, motion_kernel
 from tta.data.corruptions.params import CIFAR, IMAGENET
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(scope="module")
 def levels():

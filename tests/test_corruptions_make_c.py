@@ -5,13 +5,10 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from tta.data import corruptions as C
 from tta.data import make_c as M
 from tta.errors import ConfigError
-
-torch.set_num_threads(2)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import torch
 from tta.data import corruptions as C
 
 pytestmark = pytest.mark.realdata
-torch.set_num_threads(2)
 N_IMAGES = 500
 
 

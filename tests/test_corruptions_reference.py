@@ -18,7 +18,6 @@ from tta.data.corruptions.motion import motion_blur_levels, motion_kernel
 from tta.data.corruptions.params import CIFAR
 from tta.data.corruptions.weather import plasma_fractal
 
-torch.set_num_threads(2)
 ONE_LEVEL = 1 / 255 + 1e-6
 
 

@@ -14,15 +14,6 @@ from tta.parts import augment as A
 from tta.parts.teacher import AnchorGate, EMATeacher, StochasticRestore, TeacherCrossEntropy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared CPU: one thread is much faster than two fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_ema_update_matches_hand_computation():
     student = nn.Linear(3, 2)
     t = EMATeacher(0.9)

@@ -15,16 +15,6 @@ METHODS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batches of 64 CIFAR images gain nothing from a second thread, and on a shared machine the
-    second thread's waiting makes every step many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def batches(cifar_test):
     x, _ = cifar_test
