@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
 import time
 
 import torch
 
 import tta
+from tta.eval.memory import PeakMemory
 from tta.parts.objectives import entropy
 
 # (forwards with grad, backwards, no-grad forwards, no-grad batch multiplier) per batch
@@ -33,42 +33,6 @@ FLOORS = {
     "cotta": (1, 1, 2, 1), "cotta_aug": (0, 0, 1, 32),  # 32 augmented teacher views, one batched forward
 }
 NEEDS_CLIP = ("cliptta", "tpt", "adte_views", "zero")
-
-
-class PeakMemory:
-    """Peak resident memory (CPU) or allocated memory (CUDA) above the level at entry, in MiB."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0.0
-
-    @staticmethod
-    def _rss() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096 / 2 ** 20
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated() / 2 ** 20
-        else:
-            self.base, self._stop = self._rss(), False
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop:
-            self.peak = max(self.peak, self._rss() - self.base)
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() / 2 ** 20 - self.base
-        else:
-            self._stop = True
-            self._thread.join()
 
 
 def floor_step(adapter, x, n_grad, n_bwd, n_nograd, mult, optimizer):

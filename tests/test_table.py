@@ -29,7 +29,7 @@ class FakeRunner:
                 for d, off in (("fog-5", 1), ("snow-5", 3))]
         rounds = [{"round": r, "mean_error": base + 2 + r} for r in range(self.rounds)]
         return {"domains": doms, "rounds": rounds, "mean_error": sum(x["error"] for x in doms) / len(doms),
-                "img_per_s": 100.0, "batch_errors": [base, base + 1, base + 2]}
+                "img_per_s": 100.0, "peak_memory_mb": 10.0 * cfg["seed"], "batch_errors": [base, base + 1, base + 2]}
 
 
 @pytest.fixture()
@@ -45,9 +45,9 @@ def test_table_aggregates_and_resumes_from_saved_cells(cfg_file, tmp_path, fake)
     assert len(fake.calls) == 4
     assert {(c["method"]["name"], c["seed"]) for c in fake.calls} == {("source", 1), ("source", 2), ("tent", 1), ("tent", 2)}
     lines = res["markdown"].splitlines()
-    assert lines[0] == "| method | fog-5 | snow-5 | mean | img/s |"
-    assert lines[2] == "| source | 16.00 ± 7.07 | 18.00 ± 7.07 | **17.00 ± 7.07** | 100 |"
-    assert lines[3] == "| tent | 116.00 ± 7.07 | 118.00 ± 7.07 | **117.00 ± 7.07** | 100 |"
+    assert lines[0] == "| method | fog-5 | snow-5 | mean | img/s | peak MB |"
+    assert lines[2] == "| source | 16.00 ± 7.07 | 18.00 ± 7.07 | **17.00 ± 7.07** | 100 | 20 |"  # peak: max over cells
+    assert lines[3] == "| tent | 116.00 ± 7.07 | 118.00 ± 7.07 | **117.00 ± 7.07** | 100 | 20 |"
     for name in ("table.md", "table.csv", "errors.png"):
         assert (out / name).stat().st_size > 0
     cells = sorted(p.name for p in (out / "cells").iterdir())
@@ -94,7 +94,7 @@ def test_lifelong_columns_are_rounds_and_csv(cfg_file, tmp_path, monkeypatch):
     monkeypatch.setattr(table.runner, "run_config", FakeRunner(rounds=3))
     out = tmp_path / "l"
     res = table.run_table([cfg_file], seeds=[1], out=out, log=lambda *_: None)
-    assert res["markdown"].splitlines()[0] == "| method | round 1 | round 2 | round 3 | mean | img/s |"
+    assert res["markdown"].splitlines()[0] == "| method | round 1 | round 2 | round 3 | mean | img/s | peak MB |"
     rows = list(csv.reader(io.StringIO((out / "table.csv").read_text())))
     assert rows[0][:4] == ["method", "cells", "round 1", "round 1 std"]
     assert rows[1][:3] == ["source", "1", "12.0000"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import resource
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Union
@@ -24,6 +23,7 @@ from ..data import streams
 from ..data.datasets import imagenet_val_files, load_cifar10, load_images, to_float
 from ..data.domains import DomainSet
 from ..errors import ConfigError
+from .memory import PeakMemory
 from .metrics import ErrorAccumulator, mean
 from .report import write_outputs
 
@@ -103,52 +103,55 @@ def run_config(cfg: Union[str, Path, Dict[str, Any]], overrides: Iterable[str] =
     else:
         adapter, acc, start, elapsed = state["adapter"], state["acc"], state["segment"], state["elapsed"]
     bar = _progress(cfg)
-    for k, seg in enumerate(stream.segments):
-        if k < start:
-            continue
-        for batch in stream.batches(seg):
-            if batch.reset:
-                adapter.reset()
-            x = batch.x.to(device, non_blocking=True)
-            before = dict(adapter.counters)
-            t0 = time.perf_counter()
-            logits = adapter(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            delta = {k2: v - before.get(k2, 0) for k2, v in adapter.counters.items()}
-            acc.update(logits[batch.context:], batch.y, batch.domain, batch.round, delta, dt)  # window context is not scored
-            if bar is not None:
-                bar.set_description(f"{cfg['method']['name']} {seg.label}")
-                bar.update(len(batch.y))
-        if save and k + 1 < len(stream.segments):
-            _save_state(out, cfg, {"adapter": adapter, "acc": acc, "segment": k + 1, "elapsed": elapsed})
+    with PeakMemory(device) as memory:
+        for k, seg in enumerate(stream.segments[start:], start):
+            elapsed = _run_segment(adapter, stream, seg, acc, device, bar, cfg["method"]["name"], elapsed)
+            if save and k + 1 < len(stream.segments):
+                _save_state(out, cfg, {"adapter": adapter, "acc": acc, "segment": k + 1, "elapsed": elapsed})
     if bar is not None:
         bar.close()
-    results = summarise(cfg, stream, acc, elapsed, device)
+    results = summarise(cfg, stream, acc, elapsed, device, memory.peak)
     if save:
         write_outputs(out, cfg, results)
         (out / STATE_FILE).unlink(missing_ok=True)
     return results
 
 
-def summarise(cfg, stream, acc: ErrorAccumulator, elapsed: float, device) -> Dict[str, Any]:
+def _run_segment(adapter, stream, seg, acc: ErrorAccumulator, device, bar, method: str, elapsed: float) -> float:
+    """Feed one segment batch by batch; returns the adapter time so far (data movement excluded)."""
+    for batch in stream.batches(seg):
+        if batch.reset:
+            adapter.reset()
+        x = batch.x.to(device, non_blocking=True)
+        before = dict(adapter.counters)
+        t0 = time.perf_counter()
+        logits = adapter(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        delta = {k: v - before.get(k, 0) for k, v in adapter.counters.items()}
+        acc.update(logits[batch.context:], batch.y, batch.domain, batch.round, delta, dt)  # window context unscored
+        if bar is not None:
+            bar.set_description(f"{method} {seg.label}")
+            bar.update(len(batch.y))
+    return elapsed
+
+
+def summarise(cfg, stream, acc: ErrorAccumulator, elapsed: float, device, peak_mb: float) -> Dict[str, Any]:
     rows = acc.rows(stream.domain_names)
     n = sum(r["n"] for r in rows)
     rounds = sorted({r["round"] for r in rows})
     per_round = [{"round": r, "mean_error": mean(x["error"] for x in rows if x["round"] == r)} for r in rounds]
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {
         "name": cfg["name"], "method": cfg["method"]["name"], "model": cfg["model"]["name"],
         "setting": cfg["setting"], "seed": cfg["seed"], "device": str(device),
         "domains": rows, "rounds": per_round,
         "mean_error": mean(r["error"] for r in rows),
         "img_per_s": n / elapsed if elapsed > 0 else None,
-        "peak_memory_mb": peak, "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
+        # memory the run added on top of what was resident when it started (model, data, activations)
+        "peak_memory_mb": peak_mb,
+        "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "resident set above start",
         "backward": sum(r["backward"] for r in rows),
         "batch_errors": acc.batch_errors,
     }

@@ -99,11 +99,14 @@ def summarise(cells: Sequence[Cell], results: Sequence[Dict[str, Any]]) -> Dict[
     "rounds": [[per-round means] per cell]}}`` in row order."""
     table: Dict[str, Dict[str, Any]] = {}
     for cell, res in zip(cells, results):
-        row = table.setdefault(cell.row, {"columns": {}, "img_per_s": [], "batch_errors": [], "rounds": []})
+        row = table.setdefault(cell.row, {"columns": {}, "img_per_s": [], "peak_mb": [], "batch_errors": [],
+                                          "rounds": []})
         for name, value in _columns(res).items():
             row["columns"].setdefault(name, []).append(value)
         if res.get("img_per_s"):
             row["img_per_s"].append(res["img_per_s"])
+        if res.get("peak_memory_mb") is not None:
+            row["peak_mb"].append(res["peak_memory_mb"])
         row["batch_errors"].append(res.get("batch_errors", []))
         row["rounds"].append([r["mean_error"] for r in res["rounds"]])
     return table
@@ -116,12 +119,13 @@ def column_names(table: Dict[str, Dict[str, Any]]) -> List[str]:
 
 def format_markdown(table: Dict[str, Dict[str, Any]]) -> str:
     cols = column_names(table)
-    lines = ["| method | " + " | ".join(cols) + " | img/s |", "|---" * (len(cols) + 2) + "|"]
+    lines = ["| method | " + " | ".join(cols) + " | img/s | peak MB |", "|---" * (len(cols) + 3) + "|"]
     for name, row in table.items():
         cells = [_mean_std(row["columns"][c]) if c in row["columns"] else "-" for c in cols]
         cells[-1] = f"**{cells[-1]}**"
         speed = f"{statistics.mean(row['img_per_s']):.0f}" if row["img_per_s"] else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {speed} |")
+        peak = f"{max(row['peak_mb']):.0f}" if row["peak_mb"] else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {speed} | {peak} |")
     return "\n".join(lines)
 
 
