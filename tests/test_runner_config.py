@@ -142,3 +142,22 @@ def test_fisher_images_from_an_imagenet_val_folder(tmp_path):
     assert torch.equal(x, fisher_images({"dataset": "imagenet_val", "n": 4}, tmp_path, seed=1))
     with pytest.raises(ConfigError, match="dataset one of"):
         fisher_images({"dataset": "svhn"}, tmp_path, seed=1)
+
+
+def test_imagenet_c_folder_layout_with_all_images(tmp_path):
+    """ImageNet-C layout <root>/ImageNet-C/<corruption>/<severity>/<wnid>/*.JPEG; labels = sorted-wnid index."""
+    import numpy as np
+    from PIL import Image
+    from tta.data.domains import DomainSet
+    for k, wnid in enumerate(("n02", "n01")):
+        folder = tmp_path / "ImageNet-C" / "fog" / "5" / wnid
+        folder.mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(np.full((224, 224, 3), 50 * k + j, np.uint8)).save(folder / f"img{j}.JPEG")
+    domains = DomainSet("imagenet", "files", tmp_path, corruptions=["fog"], severities=[5], imagenet_subset=False)
+    x, y = domains.domains[0].load()
+    assert x.shape == (4, 3, 224, 224) and x.dtype == torch.uint8
+    assert y.tolist() == [0, 0, 1, 1]  # n01 first (sorted), then n02
+    from tta.errors import MissingFileError
+    with pytest.raises(MissingFileError, match="ImageNet-C folder"):
+        DomainSet("imagenet", "files", tmp_path, corruptions=["snow"], severities=[5]).domains[0].load()

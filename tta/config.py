@@ -33,6 +33,7 @@ SCHEMA: Dict[str, Any] = {
         "severities": list,
         "n_examples": (int, type(None)),
         "seed": int,
+        "imagenet_subset": str,  # robustbench_5000 (CoTTA protocol, list order) | all (EATA/SAR/DeYO: 50,000)
     },
     "stream": dict,  # protocol options, validated against the protocol's signature
     "method": dict,  # name + options, validated against the method's signature
@@ -43,7 +44,7 @@ DEFAULTS: Dict[str, Any] = {
     "name": "run", "seed": 1, "device": "auto", "threads": None, "progress": True, "setting": "continual",
     "model": {"name": "cifar_resnet20", "checkpoint": None, "options": {}},
     "data": {"dataset": "cifar10", "data_dir": None, "source": "auto", "corruptions": [], "severities": [5],
-             "n_examples": None, "seed": 0},
+             "n_examples": None, "seed": 0, "imagenet_subset": "robustbench_5000"},
     "stream": {"batch_size": 200},
     "method": {"name": "source"},
     "output": {"dir": "results", "save": True, "run_name": None},
@@ -169,6 +170,8 @@ def validate(cfg: Dict[str, Any]) -> None:
     _check_model_name(cfg["model"]["name"])
     if cfg["data"]["source"] not in ("files", "generate", "auto"):
         raise ConfigError(f"data.source must be files, generate or auto, got {cfg['data']['source']!r}")
+    if cfg["data"]["imagenet_subset"] not in ("robustbench_5000", "all"):
+        raise ConfigError(f"data.imagenet_subset must be robustbench_5000 or all, got {cfg['data']['imagenet_subset']!r}")
     if cfg["data"]["dataset"] not in DATASETS:
         raise ConfigError(f"data.dataset must be one of {', '.join(DATASETS)}, got {cfg['data']['dataset']!r}")
     for s in cfg["data"]["severities"]:

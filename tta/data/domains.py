@@ -44,8 +44,10 @@ class DomainSet:
     """Makes domains of one data set on demand and keeps those already built (streams revisit domains)."""
 
     def __init__(self, dataset: str = "cifar10", source: str = "auto", data_dir=None,
-                 n_examples: Optional[int] = None, seed: int = 0, corruptions=(), severities=(5,)):
+                 n_examples: Optional[int] = None, seed: int = 0, corruptions=(), severities=(5,),
+                 imagenet_subset: bool = True):
         self.dataset, self.source, self.data_dir = dataset, source, data_dir
+        self.imagenet_subset = imagenet_subset  # RobustBench's 5,000-image list (CoTTA) or all 50,000
         self.n_examples, self.seed = n_examples, seed
         self.corruptions, self.severities = list(corruptions), list(severities)
         self._cache: Dict[Tuple[str, int], Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -95,7 +97,8 @@ class DomainSet:
             x, y = self.clean()
             return corrupt_dataset(x, corruption, severity, seed=self.seed), y
         if self.dataset == "imagenet":
-            paths, y = imagenet_c_files(corruption, severity, self.data_dir, n_examples=self.n_examples)
+            paths, y = imagenet_c_files(corruption, severity, self.data_dir, self.imagenet_subset,
+                                        self.n_examples)
             return load_images(paths), y
         return load_cifar_c(corruption, severity, self.dataset, self.data_dir, self.n_examples, download=True)
 

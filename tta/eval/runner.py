@@ -74,7 +74,7 @@ def fisher_images(spec: Dict[str, Any], data_dir, seed: int) -> torch.Tensor:
 def build_stream(cfg: Dict[str, Any]) -> streams.Stream:
     d = cfg["data"]
     domains = DomainSet(d["dataset"], d["source"], d["data_dir"], d["n_examples"], d["seed"],
-                        d["corruptions"], d["severities"])
+                        d["corruptions"], d["severities"], d["imagenet_subset"] == "robustbench_5000")
     return streams.build(cfg["setting"], domains, **cfg["stream"])
 
 
