@@ -89,14 +89,19 @@ class Stream:
         for seg in self.segments:
             yield from self.batches(seg)
 
-    def batches(self, seg: Segment) -> Iterator[StreamBatch]:
+    def batches(self, seg: Segment, device=None) -> Iterator[StreamBatch]:
         """The segment's batches. With ``window = W`` each batch is the last W images of the segment up
         to and including the ``batch_size`` new ones; only the new ones are scored (``context`` says how
         many lead images are not), so every image is predicted and counted exactly once while methods
         that normalise with batch statistics see W images. The first W images of a segment form one
         ordinary batch (the stream waits until W images have arrived). The window restarts at every
-        segment, so a run checkpointed between segments resumes to the same numbers."""
+        segment, so a run checkpointed between segments resumes to the same numbers.
+
+        ``device``: the segment's uint8 images are moved there once, so batches are cut and converted to
+        float on the model's device (no per-batch host-to-device copy of float images)."""
         x, y, d = seg.load()
+        if device is not None:
+            x = x.to(device)
         b = self.batch_size
         if self.window is None:
             for i in range(0, len(x), b):

@@ -119,10 +119,10 @@ def run_config(cfg: Union[str, Path, Dict[str, Any]], overrides: Iterable[str] =
 
 def _run_segment(adapter, stream, seg, acc: ErrorAccumulator, device, bar, method: str, elapsed: float) -> float:
     """Feed one segment batch by batch; returns the adapter time so far (data movement excluded)."""
-    for batch in stream.batches(seg):
+    for batch in stream.batches(seg, device):
         if batch.reset:
             adapter.reset()
-        x = batch.x.to(device, non_blocking=True)
+        x = batch.x
         before = dict(adapter.counters)
         t0 = time.perf_counter()
         logits = adapter(x)
