@@ -173,3 +173,13 @@ def test_import_tta_is_lazy():
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_alpha_mixing_fast_path_equals_the_differentiable_one(tiny_bn_model):
+    import copy
+    x = torch.rand(16, 3, 8, 8)
+    fast = tta.wrap(copy.deepcopy(tiny_bn_model), "norm_alpha", alpha=0.3)(x)  # no autograd: fused path
+    model = tta.wrap(copy.deepcopy(tiny_bn_model), "norm_alpha", alpha=0.3).model
+    slow = model(x.requires_grad_())  # autograd: moments as constants, F.batch_norm
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
+    assert slow.requires_grad

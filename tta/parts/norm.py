@@ -91,14 +91,30 @@ def _alpha_class(cls):
 
 
 def _alpha_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    dims = [0] + list(range(2, x.dim()))
-    n = x.shape[0]
+    """Normalise with the mixed moments. Without autograd (the ``norm_alpha`` method) one fused
+    batch-norm pass yields the batch moments and ``z = (x - mu_B) / s_B``, and the mixed normalisation is
+    a per-channel affine map of ``z``: the activation is read twice, as in plain batch-statistics BN, not
+    three times. With autograd (alpha mixing inside a gradient method) the moments are constants and the
+    gradient flows to ``x`` and the affine parameters."""
+    n, m = x.shape[0], x.numel() // x.shape[1]
     alpha = self._tta_alpha if self._tta_n_prior is None else n / (self._tta_n_prior + n)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or self.weight is not None and self.weight.requires_grad)
     with torch.no_grad():
-        var_b, mean_b = torch.var_mean(x, dim=dims, unbiased=x.numel() // x.shape[1] > 1)
+        z, mean_b, invstd_b = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+        var_b = invstd_b.pow(-2) - self.eps  # biased
+        if m > 1:
+            var_b = var_b * (m / (m - 1))  # the unbiased variance, as the widely used implementation
         mean = (1 - alpha) * self.running_mean + alpha * mean_b
         var = (1 - alpha) * self.running_var + alpha * var_b
-    return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+    if differentiable:
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+    with torch.no_grad():
+        inv = torch.rsqrt(var + self.eps)
+        weight = self.weight if self.weight is not None else torch.ones_like(inv)
+        scale = weight * inv / invstd_b
+        shift = weight * (mean_b - mean) * inv + (self.bias if self.bias is not None else 0)
+        return torch.addcmul(shift.view(shape), z, scale.view(shape))
 
 
 def uses_batch_stats(model: nn.Module) -> bool:
