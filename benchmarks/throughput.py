@@ -6,15 +6,19 @@ The floor of a method is the bare work its algorithm needs per batch (METHODS.md
 configured model and the same adapted parameters: forwards with gradient, backwards, one optimizer step,
 and forwards without gradient (CoTTA's anchor, teacher and 32 augmented views; DeYO's and the wisdom
 filter's second forward, counted over the whole batch). The ratio method/floor is the toolkit's
-overhead. Method and floor are timed interleaved, several repeats, median taken, in one process: the
-machines are noisy, so only ratios measured in the same run are compared. Peak memory is the largest
-resident set (CPU, sampled every millisecond, above the level before the measurement) or the CUDA peak
-allocation, for the method alone.
+overhead. Each (model, method) is measured in a fresh process: method and floor timed interleaved, several
+repeats, median taken (the machines are noisy, so only ratios measured in the same run are compared).
+Peak memory is the method's own: the largest resident set (CPU, sampled every 2 ms) or CUDA allocation
+above the level before its adapter was built, through the warm-up batch (model copies, source snapshot,
+optimizer state, activations).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -62,32 +66,47 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def _load_libraries(device) -> None:
+    """Let torch import what it loads lazily (optimizers pull in torch._dynamo, ~0.5 GB resident), so
+    the memory peak that follows is the method's, not the library's."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).to(device)
+    for opt in (torch.optim.Adam(net.parameters()), torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)):
+        net(torch.rand(2, 3, 8, 8, device=device)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def timed(fn, batches, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    for x in batches:
+        fn(x)
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def measure(method, model_name, batches, device, repeats, data):
-    adapter = tta.wrap(tta.models.load(model_name).to(device), method, **method_kwargs(method, model_name, data))
+    """(method img/s, floor img/s, median time ratio, peak MiB of the method: model copies, snapshot,
+    optimizer state and activations, above the level before its adapter was built)."""
+    _load_libraries(device)
+    with PeakMemory(device) as mem:
+        adapter = tta.wrap(tta.models.load(model_name).to(device), method, **method_kwargs(method, model_name, data))
+        adapter(batches[0])  # warm-up
     # the floor runs on a model configured like the method's: same norm mode, same adapted parameters
     floor_method = {"source": "source", "cotta": "cotta"}.get(method, "tent" if FLOORS[method][1] else "norm")
     floor_adapter = tta.wrap(tta.models.load(model_name).to(device), floor_method)
     opt = torch.optim.SGD(floor_adapter.params, lr=0.0) if floor_adapter.params else None
-    fl = list(FLOORS[method])
+
+    def floor(x):
+        floor_step(floor_adapter, x, *FLOORS[method], opt)
+        if method == "cotta":
+            floor_step(floor_adapter, x, *FLOORS["cotta_aug"], None)
+
+    floor(batches[0])  # warm-up
     m_times, f_times = [], []
-    adapter(batches[0]), floor_step(floor_adapter, batches[0], *fl, opt)  # warm-up
-    with PeakMemory(device) as mem:
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            for x in batches:
-                adapter(x)
-            sync(device)
-            m_times.append(time.perf_counter() - t0)
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        for x in batches:
-            floor_step(floor_adapter, x, *fl, opt)
-            if method == "cotta":
-                floor_step(floor_adapter, x, *FLOORS["cotta_aug"], None)
-        sync(device)
-        f_times.append(time.perf_counter() - t0)
+    for _ in range(repeats):  # interleaved, so both see the same machine load
+        m_times.append(timed(adapter, batches, device))
+        f_times.append(timed(floor, batches, device))
     n = sum(len(x) for x in batches)
     m, f = statistics.median(m_times), statistics.median(f_times)
     return n / m, n / f, m / f, mem.peak
@@ -102,21 +121,29 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    from tta.data.datasets import load_cifar10, to_float
-    x, _ = load_cifar10(split="test")
-    data = to_float(x[:args.batch * args.batches]).to(device)
-    batches = list(data.split(args.batch))
+    if args.one:  # one measurement in this (fresh) process, so memory peaks are the method's own
+        torch.set_num_threads(args.threads)
+        device = torch.device(args.device)
+        from tta.data.datasets import load_cifar10, to_float
+        x, _ = load_cifar10(split="test")
+        data = to_float(x[:args.batch * args.batches]).to(device)
+        result = measure(args.one[1], args.one[0], list(data.split(args.batch)), device, args.repeats, data)
+        print(json.dumps(result))
+        return
     methods = args.methods or [m for m in tta.methods.available() if m in FLOORS]
     skipped = [m for m in tta.methods.available() if m not in FLOORS]
+    common = ["--batch", str(args.batch), "--batches", str(args.batches), "--repeats", str(args.repeats),
+              "--threads", str(args.threads), "--device", args.device]
     for model_name in args.models:
-        print(f"\n### {model_name}, batch {args.batch}, {args.threads} threads, {device}\n")
+        print(f"\n### {model_name}, batch {args.batch}, {args.threads} threads, {args.device}\n")
         print("| method | img/s | floor img/s | time ratio method/floor | peak memory (MiB) |")
         print("|---|---|---|---|---|")
         for method in methods:
-            ips, fips, ratio, peak = measure(method, model_name, batches, device, args.repeats, data)
+            out = subprocess.run([sys.executable, __file__, "--one", model_name, method, *common],
+                                 capture_output=True, text=True, check=True).stdout
+            ips, fips, ratio, peak = json.loads(out.strip().splitlines()[-1])
             print(f"| {method} | {ips:.0f} | {fips:.0f} | {ratio:.2f} | {peak:.0f} |", flush=True)
     if skipped:
         print(f"\nnot measured here (need a CLIP model): {', '.join(skipped)}")
