@@ -14,5 +14,5 @@ tta table $C/lifelong.yaml $C/eata.yaml --seeds 1 --out results/bench/r20_lifelo
   setting=lifelong stream.rounds=50 \
   "data.corruptions=[gaussian_noise,shot_noise,impulse_noise,defocus_blur,glass_blur,motion_blur,zoom_blur,snow,frost,fog]"
 # CoTTA's gradual schedule (severities 5..1, then 1..5..1 per later corruption), 200 images per visit
-tta table $C/gradual.yaml --methods source norm tent eata lcotta --seeds 1 --out results/bench/r20_gradual \
+tta table $C/gradual.yaml --methods source norm tent eta lcotta --seeds 1 --out results/bench/r20_gradual \
   $O data.n_examples=200
