@@ -34,7 +34,7 @@ FLOORS = {
     "adte": (1, 1, 0, 1), "rdumb": (1, 1, 0, 1), "lcotta": (1, 1, 0, 1),
     "sar": (2, 2, 0, 1), "deyo": (1, 1, 1, 1), "tent_wisdom": (1, 1, 1, 1),
     "eta_wisdom": (1, 1, 1, 1), "tsallis_wisdom": (1, 1, 1, 1),
-    "cotta": (1, 1, 2, 1), "cotta_aug": (0, 0, 1, 32),  # 32 augmented teacher views, one batched forward
+    "cotta": (1, 1, 2, 1), "cotta_aug": (0, 0, 32, 1),  # 32 augmented teacher views, a forward each
 }
 NEEDS_CLIP = ("cliptta", "tpt", "adte_views", "zero")
 
@@ -121,23 +121,29 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--corruption", default="gaussian_noise", help="severity-5 corruption of the input, or none")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:  # one measurement in this (fresh) process, so memory peaks are the method's own
         torch.set_num_threads(args.threads)
         device = torch.device(args.device)
+        from tta.data.corruptions import corrupt_dataset
         from tta.data.datasets import load_cifar10, to_float
         x, _ = load_cifar10(split="test")
-        data = to_float(x[:args.batch * args.batches]).to(device)
+        x = x[:args.batch * args.batches]
+        if args.corruption != "none":  # shifted input, so filters and gates behave as in a benchmark
+            x = corrupt_dataset(x, args.corruption, 5, seed=0)
+        data = to_float(x).to(device)
         result = measure(args.one[1], args.one[0], list(data.split(args.batch)), device, args.repeats, data)
         print(json.dumps(result))
         return
     methods = args.methods or [m for m in tta.methods.available() if m in FLOORS]
     skipped = [m for m in tta.methods.available() if m not in FLOORS]
     common = ["--batch", str(args.batch), "--batches", str(args.batches), "--repeats", str(args.repeats),
-              "--threads", str(args.threads), "--device", args.device]
+              "--threads", str(args.threads), "--device", args.device, "--corruption", args.corruption]
     for model_name in args.models:
-        print(f"\n### {model_name}, batch {args.batch}, {args.threads} threads, {args.device}\n")
+        print(f"\n### {model_name}, batch {args.batch}, {args.threads} threads, {args.device}, "
+              f"input: {args.corruption} (severity 5)\n")
         print("| method | img/s | floor img/s | time ratio method/floor | peak memory (MiB) |")
         print("|---|---|---|---|---|")
         for method in methods:
