@@ -9,15 +9,14 @@ to the reference implementation's. Needs TTA_DATA_DIR.
 from __future__ import annotations
 
 import argparse
-import random
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import tta
 from tta.data.datasets import load_cifar10
+from tta.eval.runner import fisher_images, seed_everything
 
 REFERENCE = {  # errors (%) of the widely used reference implementation, REFERENCE.md
     "source": (75.40, 73.24, 41.64, 13.72), "norm": (41.76, 21.02, 18.62, 9.72),
@@ -47,19 +46,12 @@ def dev_stream(data_dir=None):
     return [noise, contrast, blur, dark], y
 
 
-def fisher_images(data_dir=None, n=2000, seed=1):
-    x, _ = load_cifar10(data_dir, split="train")
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
-    return x[idx].float() / 255
-
-
 def run_method(method, domains, y, data_dir=None, batch_size=200):
-    for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
-        seed_fn(1)
+    seed_everything(1)
     model = tta.models.load("cifar_resnet20", data_dir=data_dir)
     kw = dict(OVERRIDES.get(method, {}))
     if method == "eata":
-        kw["fisher_data"] = fisher_images(data_dir)
+        kw["fisher_data"] = fisher_images({"dataset": "cifar10_train", "n": 2000}, data_dir, seed=1)
     adapter = tta.wrap(model, method, **kw)
     errors, t0 = [], time.perf_counter()
     for x in domains:
