@@ -2,10 +2,11 @@
 
     python benchmarks/throughput.py --models cifar_resnet20 cifar_resnet56 --batch 200 --threads 2
 
-The floor of a method is the bare work its algorithm needs per batch (METHODS.md 5.1), done on the same
-configured model and the same adapted parameters: forwards with gradient, backwards, one optimizer step,
-and forwards without gradient (CoTTA's anchor, teacher and 32 augmented views; DeYO's and the wisdom
-filter's second forward, counted over the whole batch). The ratio method/floor is the toolkit's
+The floor of a method is the bare work its algorithm needs per batch (METHODS.md 5.1; the ``cost`` each
+method is registered with, ``tta.methods.info(name).cost``), done on the same configured model and the
+same adapted parameters: forwards with gradient, backwards, one optimizer step, and forwards without
+gradient (CoTTA's anchor, teacher and 32 augmented views; DeYO's and the wisdom filter's second forward,
+counted over the whole batch). The ratio method/floor is the toolkit's
 overhead. Each (model, method) is measured in a fresh process: method and floor timed interleaved, several
 repeats, median taken (the machines are noisy, so only ratios measured in the same run are compared).
 Peak memory is the method's own: the largest resident set (CPU, sampled every 2 ms) or CUDA allocation
@@ -27,38 +28,63 @@ import tta
 from tta.eval.memory import PeakMemory
 from tta.parts.objectives import entropy
 
-# (forwards with grad, backwards, no-grad forwards, no-grad batch multiplier) per batch
-FLOORS = {
-    "source": (0, 0, 1, 1), "norm": (0, 0, 1, 1), "norm_alpha": (0, 0, 1, 1),
-    "tent": (1, 1, 0, 1), "eta": (1, 1, 0, 1), "eata": (1, 1, 0, 1), "tsallis": (1, 1, 0, 1),
-    "adte": (1, 1, 0, 1), "rdumb": (1, 1, 0, 1), "lcotta": (1, 1, 0, 1),
-    "sar": (2, 2, 0, 1), "deyo": (1, 1, 1, 1), "tent_wisdom": (1, 1, 1, 1),
-    "eta_wisdom": (1, 1, 1, 1), "tsallis_wisdom": (1, 1, 1, 1),
-    "cotta": (1, 1, 2, 1), "cotta_aug": (0, 0, 32, 1),  # 32 augmented teacher views, a forward each
-}
-NEEDS_CLIP = ("cliptta", "tpt", "adte_views", "zero")
+NEEDS_CLIP = ("cliptta", "tpt", "adte_views")
+SOURCE_NORM = ("source", "lame")  # floors that normalise with source statistics
 
 
-def floor_step(adapter, x, n_grad, n_bwd, n_nograd, mult, optimizer):
-    model = adapter.model
-    for i in range(n_grad):
-        loss = entropy(model(x)).mean()
-        if i < n_bwd:
-            loss.backward()
-    if optimizer is not None and n_bwd:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if n_nograd:
+def tiles(x, k: float):
+    """``k`` batches' worth of ``x``: ``floor(k)`` copies of the batch, then a leading fraction of it."""
+    for _ in range(int(k)):
+        yield x
+    rest = round((k - int(k)) * len(x))
+    if rest:
+        yield x[:rest]
+
+
+def floor_step(model, x, cost, optimizer):
+    """The bare work of ``cost`` (a :class:`tta.methods.Cost`): its forwards with autograd split over its
+    backward passes, one optimizer step, then its forwards without autograd."""
+    if cost.grad:
+        passes = max(cost.backward, 1)
+        for _ in range(passes):
+            loss = sum(entropy(model(xb)).mean() for xb in tiles(x, cost.grad / passes))
+            if cost.backward:
+                loss.backward()
+        if optimizer is not None and cost.backward:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    if cost.nograd:
         with torch.inference_mode():
-            xb = x.repeat(mult, 1, 1, 1) if mult > 1 else x
-            for _ in range(n_nograd):
+            for xb in tiles(x, cost.nograd):
                 model(xb)
 
 
+def floor_model(method, model_name, device):
+    """The model configured as the floor needs it: source statistics or test-batch statistics, and
+    autograd reaching the norm affine parameters or every weight; an SGD(lr=0) over those."""
+    cost = tta.methods.info(method).cost
+    if method in SOURCE_NORM:
+        return tta.wrap(tta.models.load(model_name).to(device), "source").model, None
+    adapter = tta.wrap(tta.models.load(model_name).to(device), "tent")
+    params = adapter.params
+    if cost.params == "all":
+        params = [p.requires_grad_(True) for p in adapter.model.parameters()]
+    return adapter.model, (torch.optim.SGD(params, lr=0.0) if cost.backward else None)
+
+
 def method_kwargs(method, model_name, data):
-    if method in ("eata",):
-        return {"fisher_data": data[:400]}
-    return {}
+    """Source data for the methods that take it: the shifted batches for EATA's Fisher images (as before),
+    2,000 labelled clean CIFAR-10 training images for the others."""
+    options, kw = tta.methods.method_options(method), {}
+    if "fisher_data" in options:
+        kw["fisher_data"] = data[:400]
+    if "source_images" in options:
+        from tta.data.datasets import load_cifar10
+        x, y = load_cifar10(split="train")
+        kw["source_images"] = x[:2000]
+        if "source_labels" in options:
+            kw["source_labels"] = y[:2000]
+    return kw
 
 
 def sync(device):
@@ -93,14 +119,11 @@ def measure(method, model_name, batches, device, repeats, data):
         adapter = tta.wrap(tta.models.load(model_name).to(device), method, **method_kwargs(method, model_name, data))
         adapter(batches[0])  # warm-up
     # the floor runs on a model configured like the method's: same norm mode, same adapted parameters
-    floor_method = {"source": "source", "cotta": "cotta"}.get(method, "tent" if FLOORS[method][1] else "norm")
-    floor_adapter = tta.wrap(tta.models.load(model_name).to(device), floor_method)
-    opt = torch.optim.SGD(floor_adapter.params, lr=0.0) if floor_adapter.params else None
+    model, opt = floor_model(method, model_name, device)
+    cost = tta.methods.info(method).cost
 
     def floor(x):
-        floor_step(floor_adapter, x, *FLOORS[method], opt)
-        if method == "cotta":
-            floor_step(floor_adapter, x, *FLOORS["cotta_aug"], None)
+        floor_step(model, x, cost, opt)
 
     floor(batches[0])  # warm-up
     m_times, f_times = [], []
@@ -137,8 +160,8 @@ def main(argv=None):
         result = measure(args.one[1], args.one[0], list(data.split(args.batch)), device, args.repeats, data)
         print(json.dumps(result))
         return
-    methods = args.methods or [m for m in tta.methods.available() if m in FLOORS]
-    skipped = [m for m in tta.methods.available() if m not in FLOORS]
+    methods = args.methods or [m for m in tta.methods.available() if m not in NEEDS_CLIP]
+    skipped = [m for m in tta.methods.available() if m in NEEDS_CLIP]
     common = ["--batch", str(args.batch), "--batches", str(args.batches), "--repeats", str(args.repeats),
               "--threads", str(args.threads), "--device", args.device, "--corruption", args.corruption]
     for model_name in args.models:

@@ -1,8 +1,10 @@
 """The online loop shared by every gradient-based method.
 
 For each incoming batch: forward -> sample filters -> per-sample objective x weights (+ batch terms
-+ regularisers) -> update step (with gradient transforms) -> reset policies. The prediction returned is
-the output of the first forward, the one used for the loss (predict, then adapt; METHODS.md 1.3).
++ regularisers) -> update step (with gradient transforms) -> after-step moves in parameter space (EMA
+towards the source, ...) -> reset policies. The prediction returned is the output of the first forward,
+the one used for the loss (predict, then adapt; METHODS.md 1.3), through the recipe's ``output`` part
+when it has one (ROID's prior correction).
 
 A method is a :class:`Recipe` (the parts) handed to an :class:`Adapter` (the loop). Methods whose loop
 differs (CoTTA's teacher, CLIPTTA's inner steps) subclass ``Adapter`` and override ``adapt``.
@@ -41,6 +43,8 @@ class Recipe:
     step: Callable = field(default_factory=PlainStep)
     grad_transforms: Sequence[Callable] = ()
     resets: Sequence[Callable] = ()
+    after_step: Sequence[Callable] = ()  # (adapter) -> None after every update: parameter-space moves
+    output: Optional[Callable] = None  # (adapter, Output) -> prediction; default: the loss forward's logits
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     adapter_cls: Optional[type] = None  # an Adapter subclass for methods with their own loop
     options: Dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for adapter_cls
@@ -50,8 +54,9 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
     def parts(self) -> List[Any]:
-        single = [self.objective, self.weight, self.step]
-        many = [*self.filters, *self.batch_terms, *self.regularisers, *self.grad_transforms, *self.resets]
+        single = [self.objective, self.weight, self.step, self.output]
+        many = [*self.filters, *self.batch_terms, *self.regularisers, *self.grad_transforms, *self.resets,
+                *self.after_step]
         return [p for p in single + many if p is not None]
 
 
@@ -148,7 +153,15 @@ class Adapter(nn.Module):
         for part in recipe.parts():
             if hasattr(part, "bind"):
                 part.bind(self)
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        """Take the point ``reset()`` returns to: every tensor of the model and of any other network the
+        adapter holds as a submodule (teacher, projector, ...) and the optimizer state. Taken at the end of
+        construction; an adapter that builds networks or warms up in its own constructor calls it again
+        at the end of it (RMT's reset point is after its warm-up)."""
         self._source_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._extra_state = {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("model.")}
         self._source_optim = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None
 
     # ----------------------------------------------------------------------------------------- public
@@ -167,6 +180,8 @@ class Adapter(nn.Module):
     def reset(self) -> None:
         """Back to the source model, optimizer and part states, bit for bit."""
         self.model.load_state_dict(self._source_state)
+        if self._extra_state:
+            self.load_state_dict(self._extra_state, strict=False)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(copy.deepcopy(self._source_optim))
             self.optimizer.zero_grad(set_to_none=True)
@@ -188,19 +203,20 @@ class Adapter(nn.Module):
         if self.optimizer is None:
             with torch.inference_mode():
                 return self.model(x)
-        prediction = None
+        first = None
         for _ in range(self.steps):
             out = self.compute_loss(x)
-            if prediction is None:
-                prediction = out.logits.detach()
+            first = out if first is None else first
             value = self.recipe.step(self, x, out)
+            for hook in self.recipe.after_step:
+                hook(self)
             self.last = {"selected": out.selected, "stepped": value is not None, "loss": value,
                          "batch": x.shape[0]}
             self.counters["selected"] += out.selected
             if any(policy(self, value) for policy in self.recipe.resets):
                 self.reset()
                 self.counters["resets"] += 1
-        return prediction
+        return self.recipe.output(self, first) if self.recipe.output else first.logits.detach()
 
     def compute_loss(self, x: torch.Tensor, within: Optional[torch.Tensor] = None,
                      update_state: bool = True) -> Output:

@@ -182,7 +182,7 @@ def validate(cfg: Dict[str, Any]) -> None:
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
 # method options the runner turns into objects before calling tta.wrap (data specs)
-RUNNER_METHOD_KEYS = ("fisher",)
+RUNNER_METHOD_KEYS = ("fisher", "source")
 
 
 def _check_model_name(name: str) -> None:

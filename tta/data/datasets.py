@@ -124,12 +124,19 @@ def _robustbench_download(dataset: str, corruption: str, root: Path) -> None:
 
 def imagenet_val_files(data_dir=None) -> List[Path]:
     """Clean ImageNet validation images in ImageFolder layout, ``<root>/imagenet/val/<wnid>/*.JPEG``."""
-    root = data_root(data_dir) / "imagenet" / "val"
+    return imagenet_files("val", data_dir)[0]
+
+
+def imagenet_files(split: str = "val", data_dir=None) -> Tuple[List[Path], torch.Tensor]:
+    """Clean ImageNet images of ``split`` (``train`` or ``val``) in ImageFolder layout,
+    ``<root>/imagenet/<split>/<wnid>/*.JPEG``, and their labels (index of the wnid in sorted order)."""
+    root = data_root(data_dir) / "imagenet" / split
     paths = sorted(root.glob("*/*.JPEG")) if root.is_dir() else []
     if not paths:
-        raise MissingFileError(f"clean ImageNet validation images not found: place them as {root}/<wnid>/*.JPEG "
+        raise MissingFileError(f"clean ImageNet {split} images not found: place them as {root}/<wnid>/*.JPEG "
                                "(set TTA_DATA_DIR or data_dir to choose the folder)")
-    return paths
+    index = {w: i for i, w in enumerate(sorted({p.parent.name for p in paths}))}
+    return paths, torch.tensor([index[p.parent.name] for p in paths], dtype=torch.int64)
 
 
 def imagenet_c_files(corruption: str, severity: int, data_dir=None, subset_5000: bool = True,

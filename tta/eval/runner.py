@@ -20,7 +20,7 @@ import torch
 
 from .. import config as config_mod
 from ..data import streams
-from ..data.datasets import imagenet_val_files, load_cifar10, load_images, to_float
+from ..data.datasets import imagenet_files, load_cifar10, load_images, to_float
 from ..data.domains import DomainSet
 from ..errors import ConfigError
 from .memory import PeakMemory
@@ -52,23 +52,46 @@ def build_adapter(cfg: Dict[str, Any], device: torch.device, data_dir=None):
     options.setdefault("seed", cfg["seed"])
     if "fisher" in options:
         options["fisher_data"] = fisher_images(options.pop("fisher"), data_dir, cfg["seed"]).to(device)
+    if "source" in options:
+        options["source_images"], options["source_labels"] = source_set(options.pop("source"), data_dir,
+                                                                        cfg["seed"], "method.source")
     return tta.wrap(model, cfg["method"]["name"], **options)
 
 
+SOURCE_DATASETS = ("cifar10_train", "imagenet_train", "imagenet_val")
+
+
+def source_set(spec: Dict[str, Any], data_dir, seed: int, option: str = "method.source",
+               default_n: int = 10000):
+    """Labelled clean source images named by a ``{dataset, n}`` mapping: a seeded random subset of ``n``
+    (all when ``n`` is at least the set's size: a seeded permutation of it). CIFAR-10 training images from
+    ``TTA_DATA_DIR`` (``cifar10_train.npz`` or the 10,000-image ``cifar10_train_10k.npz``), or ImageNet
+    ``train``/``val`` folders (Resize 256, CenterCrop 224). Returns uint8 NCHW images (float at use, so
+    memory stays a quarter) and int64 labels, on the CPU."""
+    allowed = {"dataset", "n"}
+    if not isinstance(spec, dict) or set(spec) - allowed or spec.get("dataset", SOURCE_DATASETS[0]) not in SOURCE_DATASETS:
+        raise ConfigError(f"{option} must be a mapping with keys {sorted(allowed)} and dataset one of "
+                          f"{SOURCE_DATASETS}, got {spec!r}")
+    n = spec.get("n", default_n)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{option}.n must be a positive integer, got {n!r}")
+    g = torch.Generator().manual_seed(seed)
+    dataset = spec.get("dataset", SOURCE_DATASETS[0])
+    if dataset.startswith("imagenet_"):
+        paths, labels = imagenet_files(dataset.split("_", 1)[1], data_dir)
+        idx = torch.randperm(len(paths), generator=g)[:n]
+        return load_images([paths[i] for i in idx.tolist()], 224, resize=256), labels[idx]
+    x, y = load_cifar10(data_dir, "train")
+    idx = torch.randperm(len(x), generator=g)[:n]
+    return x[idx], y[idx]
+
+
 def fisher_images(spec: Dict[str, Any], data_dir, seed: int) -> torch.Tensor:
-    """A random subset of clean source images for EATA's Fisher estimate (``{dataset, n}``): CIFAR-10
-    training images, or ImageNet validation images (Resize 256, CenterCrop 224, as EATA)."""
-    allowed, datasets = {"dataset", "n"}, ("cifar10_train", "imagenet_val")
-    if not isinstance(spec, dict) or set(spec) - allowed or spec.get("dataset", datasets[0]) not in datasets:
-        raise ConfigError(f"method.fisher must be a mapping with keys {sorted(allowed)} and dataset one of "
-                          f"{datasets}, got {spec!r}")
-    n, g = int(spec.get("n", 2000)), torch.Generator().manual_seed(seed)
-    if spec.get("dataset", datasets[0]) == "imagenet_val":
-        paths = imagenet_val_files(data_dir)
-        idx = torch.randperm(len(paths), generator=g)[:n].tolist()
-        return to_float(load_images([paths[i] for i in idx], 224, resize=256))
-    x, _ = load_cifar10(data_dir, "train")
-    return to_float(x[torch.randperm(len(x), generator=g)[:n]])
+    """A random subset of clean source images for EATA's Fisher estimate (``{dataset, n}``, labels unused):
+    CIFAR-10 training images, or ImageNet validation images (Resize 256, CenterCrop 224, as EATA)."""
+    if isinstance(spec, dict) and spec.get("dataset") == "imagenet_train":
+        raise ConfigError(f"method.fisher dataset must be cifar10_train or imagenet_val, got {spec!r}")
+    return to_float(source_set(spec, data_dir, seed, "method.fisher", default_n=2000)[0])
 
 
 def build_stream(cfg: Dict[str, Any]) -> streams.Stream:

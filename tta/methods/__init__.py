@@ -10,7 +10,8 @@ import difflib
 import importlib
 import inspect
 import pkgutil
-from typing import Callable, Dict
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
 from ..errors import ConfigError
 
@@ -23,11 +24,53 @@ LOOP_KEYS = ("steps", "episodic", "seed", "validate")
 COMMON_KEYS = OPTIMIZER_KEYS + LOOP_KEYS
 
 
-def register(name: str):
+PARAM_KINDS = ("none", "affine", "all")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The work a method needs per batch of B images, in B-image forwards: its floor (Z.16's cost column).
+
+    ``grad``: forwards with autograd; ``backward``: backward passes; ``nograd``: forwards without autograd
+    (teachers, anchors, views; 33 for TTAug's 33 views per image); ``params``: what the backward reaches
+    (``affine`` norm parameters, ``all`` weights, ``none``). ``benchmarks/throughput.py`` times a method
+    against exactly this much bare work on the same model.
+    """
+    grad: float = 0.0
+    backward: int = 0
+    nograd: float = 1.0
+    params: str = "affine"
+
+    def __post_init__(self):
+        if self.params not in PARAM_KINDS:
+            raise ValueError(f"Cost.params must be one of {PARAM_KINDS}, got {self.params!r}")
+
+    def __str__(self) -> str:
+        fwd = self.grad + self.nograd
+        return f"{fwd:g} / {self.backward}"
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What ``tta methods`` and the README table say of a method."""
+    name: str
+    summary: str
+    adapts: str
+    cost: Cost
+    source_data: Optional[str]  # what source data it needs (None: none)
+
+
+_INFO: Dict[str, MethodInfo] = {}
+
+
+def register(name: str, *, summary: str = "", adapts: str = "nothing", cost: Cost = Cost(),
+             source_data: Optional[str] = None):
+    """Register a recipe function under ``name``; the keywords describe the method for ``tta methods``."""
     def deco(fn: Callable) -> Callable:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"method {name!r} registered twice")
         _REGISTRY[name] = fn
+        _INFO[name] = MethodInfo(name, summary, adapts, cost, source_data)
         fn.method_name = name
         return fn
     return deco
@@ -44,6 +87,12 @@ def _load_all() -> None:
 def available() -> list:
     _load_all()
     return sorted(_REGISTRY)
+
+
+def info(name: str) -> MethodInfo:
+    """The description a method was registered with."""
+    get(name)
+    return _INFO[name]
 
 
 def get(name: str) -> Callable:
@@ -80,4 +129,4 @@ def build(model, name: str, **overrides):
     return adapter
 
 
-__all__ = ["register", "build", "available", "get", "method_options", "COMMON_KEYS"]
+__all__ = ["register", "build", "available", "get", "info", "method_options", "Cost", "MethodInfo", "COMMON_KEYS"]

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..parts.norm import SourceStats
 from ..parts.objectives import ClassDebiasedTsallis
 from ..parts.views import augmented_views, lowest
-from . import register
+from . import Cost, register
 
 BIAS_MODES = ("online", "two_pass")
 
@@ -80,7 +80,8 @@ class ADTEViewsAdapter(Adapter):
         return vote.clamp_min(1e-12).log()
 
 
-@register("adte_views")
+@register("adte_views", summary="training-free debiased Tsallis scoring of 64 views per image",
+          adapts="nothing", cost=Cost(nograd=64, params="none"))
 def adte_views(model, *, views: int = 64, keep: float = 0.1, bias: str = "online", label_adjust: bool = True,
                memory: int = 20, gap: float = 1.0, q_range=(0.01, 0.9), min_entries: int = 100):
     """Training-free; ``min_entries`` applies to the online mode (two-pass scores with whatever it stored)."""

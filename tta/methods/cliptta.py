@@ -21,7 +21,7 @@ from ..parts.norm import BatchStats
 from ..parts.objectives import MarginalEntropyBonus
 from ..parts.optim import OptimizerSpec
 from ..parts.params import NormAffine
-from . import register
+from . import Cost, register
 
 
 class WithThreshold:
@@ -94,7 +94,8 @@ class CLIPTTAAdapter(Adapter):
         return logits
 
 
-@register("cliptta")
+@register("cliptta", summary="soft contrastive loss between CLIP images and class texts",
+          adapts="visual LayerNorm affine", cost=Cost(grad=10, backward=10, nograd=1))
 def cliptta(model, *, k_shot: int = 4, sample_size: int = 40, beta_tta: float = 1.0, beta_reg: float = 1.0,
             open_set: bool = False, beta_ood: float = 0.1, gamma: float = 0.005, text_to_image: bool = False):
     """Visual LN affine of a CLIP classifier; Adam 1e-4 (eps 1e-6); 10 inner steps per batch."""

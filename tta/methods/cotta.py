@@ -29,7 +29,7 @@ from ..parts.norm import BatchStats
 from ..parts.optim import OptimizerSpec
 from ..parts.params import AllParams
 from ..parts.teacher import AnchorGate, EMATeacher, StochasticRestore, TeacherCrossEntropy
-from . import register
+from . import Cost, register
 
 LOSSES = ("ce", "symmetric")
 
@@ -90,7 +90,8 @@ class CoTTAAdapter(Adapter):
             return total / self.augmentations
 
 
-@register("cotta")
+@register("cotta", summary="EMA teacher with augmentation-averaged pseudo-labels and stochastic restore",
+          adapts="all weights", cost=Cost(grad=1, backward=1, nograd=34, params="all"))
 def cotta(model, *, ema: float = 0.999, threshold: float = 0.92, restore: float = 0.01, augmentations: int = 32,
           aug_batch: Optional[int] = None, loss: str = "ce"):
     """``ema``: teacher momentum; ``threshold``: anchor confidence below which the teacher averages

@@ -10,11 +10,12 @@ from typing import Optional, Sequence
 from ..parts.filters import PLPD, EntropyMargin
 from ..parts.params import norm_affine
 from ..parts.weights import DeyoWeight
-from . import register
+from . import Cost, register
 from .tent import tent_recipe
 
 
-@register("deyo")
+@register("deyo", summary="entropy on samples whose prediction depends on shape (PLPD)",
+          adapts="norm affine below the top stage", cost=Cost(grad=1, backward=1, nograd=1))
 def deyo(model, *, margin_frac: float = 0.5, weight_margin_frac: float = 0.4, plpd_threshold: float = 0.2,
          patches: int = 4, kind: str = "patch", reweight_ent: bool = True, reweight_plpd: bool = True,
          skip_top: bool = True, skip: Optional[Sequence[str]] = None, num_classes: Optional[int] = None):

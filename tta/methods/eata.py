@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from ..parts.filters import EntropyMargin, Redundancy
 from ..parts.regularisers import FisherAnchor
 from ..parts.weights import EntropyWeight
-from . import register
+from . import Cost, register
 from .tent import tent_recipe
 
 
@@ -22,12 +22,15 @@ def eta_recipe(margin_frac: float = 0.4, d_margin: float = 0.4, num_classes: Opt
                              weight=EntropyWeight(margin_frac, num_classes))
 
 
-@register("eta")
+@register("eta", summary="entropy on reliable, non-redundant samples, confidence-weighted",
+          adapts="norm affine", cost=Cost(grad=1, backward=1, nograd=0))
 def eta(model, *, margin_frac: float = 0.4, d_margin: float = 0.4, num_classes: Optional[int] = None):
     return eta_recipe(margin_frac, d_margin, num_classes)
 
 
-@register("eata")
+@register("eata", summary="ETA plus a Fisher-weighted anchor to the source weights",
+          adapts="norm affine", cost=Cost(grad=1, backward=1, nograd=0),
+          source_data="clean images for the Fisher estimate (fisher_data; labels unused)")
 def eata(model, *, fisher_data: Optional[torch.Tensor] = None, fisher_alpha: float = 1.0, fisher_n: int = 2000,
          fisher_batch_size: int = 200, fisher_seed: int = 0, margin_frac: float = 0.4, d_margin: float = 0.4,
          num_classes: Optional[int] = None):

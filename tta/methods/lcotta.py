@@ -15,11 +15,12 @@ d_margin 0.4) and Adam 1e-3, as ETA does on CIFAR.
 from typing import Optional
 
 from ..parts.gradients import SubspaceProjection
-from . import register
+from . import Cost, register
 from .eata import eta_recipe
 
 
-@register("lcotta")
+@register("lcotta", summary="ETA with updates projected on a low-rank gradient subspace",
+          adapts="norm affine", cost=Cost(grad=1, backward=1, nograd=0))
 def lcotta(model, *, k: int = 10, every: int = 5, window: int = 40, margin_frac: float = 0.4,
            d_margin: float = 0.4, num_classes: Optional[int] = None):
     return eta_recipe(margin_frac, d_margin, num_classes).but(grad_transforms=[SubspaceProjection(k, every, window)])

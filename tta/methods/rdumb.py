@@ -6,11 +6,12 @@ collapse can go. Its authors use ETA's loss and filters and T = 1000 steps.
 from typing import Optional
 
 from ..parts.resets import Periodic
-from . import register
+from . import Cost, register
 from .eata import eta_recipe
 
 
-@register("rdumb")
+@register("rdumb", summary="ETA reset to the source every N steps",
+          adapts="norm affine", cost=Cost(grad=1, backward=1, nograd=0))
 def rdumb(model, *, every: int = 1000, margin_frac: float = 0.4, d_margin: float = 0.4,
           num_classes: Optional[int] = None):
     return eta_recipe(margin_frac, d_margin, num_classes).but(resets=[Periodic(every)])

@@ -14,11 +14,12 @@ from ..parts.optim import OptimizerSpec
 from ..parts.params import norm_affine
 from ..parts.resets import LossEMABelow
 from ..parts.steps import SAM
-from . import register
+from . import Cost, register
 from .tent import tent_recipe
 
 
-@register("sar")
+@register("sar", summary="reliable entropy with a sharpness-aware step and collapse reset",
+          adapts="norm affine below the top stage", cost=Cost(grad=2, backward=2, nograd=0))
 def sar(model, *, margin_frac: float = 0.4, rho: float = 0.05, reset_below: float = 0.2, skip_top: bool = True,
         skip: Optional[Sequence[str]] = None, num_classes: Optional[int] = None):
     return tent_recipe().but(params=norm_affine(skip_top, skip), filters=[EntropyMargin(margin_frac, num_classes)],

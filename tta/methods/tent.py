@@ -5,7 +5,7 @@ from ..parts.norm import BatchStats
 from ..parts.objectives import Entropy
 from ..parts.optim import OptimizerSpec
 from ..parts.params import NormAffine
-from . import register
+from . import Cost, register
 
 
 def tent_recipe() -> Recipe:
@@ -14,6 +14,7 @@ def tent_recipe() -> Recipe:
                   optimizer=OptimizerSpec("adam", lr=1e-3))
 
 
-@register("tent")
+@register("tent", summary="minimise prediction entropy",
+          adapts="norm affine", cost=Cost(grad=1, backward=1, nograd=0))
 def tent(model):
     return tent_recipe()

@@ -17,10 +17,10 @@ from torch import nn
 from ..adapter import Adapter, Recipe
 from ..errors import ConfigError
 from ..parts.norm import SourceStats
-from ..parts.objectives import Entropy, entropy
+from ..parts.objectives import Entropy, entropy, view_marginal_entropy
 from ..parts.optim import OptimizerSpec
 from ..parts.views import augmented_views, lowest
-from . import register
+from . import Cost, register
 
 
 class PromptTuned(nn.Module):
@@ -51,12 +51,6 @@ class PromptTuned(nn.Module):
         return self.classifier.logits_from_features(self.classifier.encode_image(x), self.text_features())
 
 
-def marginal_entropy_log(logits: torch.Tensor) -> torch.Tensor:
-    """``H(mean_v softmax(z_v))`` with the mean taken in log space (``logsumexp - log n``), as TPT does."""
-    log_mean = torch.logsumexp(logits.log_softmax(1), 0) - torch.log(torch.tensor(float(logits.shape[0])))
-    return -(log_mean.exp() * log_mean).sum()
-
-
 class TPTAdapter(Adapter):
     def __init__(self, model, recipe: Recipe, *, views: int = 64, keep: float = 0.1,
                  ctx_init: str = "a photo of a", **kw):
@@ -76,7 +70,7 @@ class TPTAdapter(Adapter):
             logits = clf.logits_from_features(u, self.model.text_features())
             if chosen is None:  # views chosen once, at the first step
                 chosen = lowest(entropy(logits.detach()), self.keep)
-            loss = marginal_entropy_log(logits[chosen])
+            loss = view_marginal_entropy(logits[chosen])
             self.backward(loss)
             self.optimizer_step()
         self.last = {"selected": chosen.numel(), "loss": float(loss.detach()), "views": self.views}
@@ -84,7 +78,8 @@ class TPTAdapter(Adapter):
             return clf.logits_from_features(u[:1], self.model.text_features())
 
 
-@register("tpt")
+@register("tpt", summary="episodic prompt tuning on confident augmented views",
+          adapts="prompt context vectors", cost=Cost(grad=64, backward=1, nograd=1, params="all"))
 def tpt(model, *, views: int = 64, keep: float = 0.1, ctx_init: str = "a photo of a"):
     """One AdamW step (lr 5e-3, weight decay 0.01) on 4 prompt vectors, episodic per image."""
     return Recipe(norm=SourceStats(), params=lambda m: [("ctx", m.ctx)], objective=Entropy(),

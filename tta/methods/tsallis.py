@@ -5,15 +5,17 @@ single-image CLIP scoring becomes a batch TTA loss). The paper's final label adj
 prediction rule, not part of the loss, and is not applied here.
 """
 from ..parts.objectives import ClassDebiasedTsallis, Tsallis
-from . import register
+from . import Cost, register
 from .tent import tent_recipe
 
 
-@register("tsallis")
+@register("tsallis", summary="minimise Tsallis entropy",
+          adapts="norm affine", cost=Cost(grad=1, backward=1, nograd=0))
 def tsallis(model, *, q: float = 0.1):
     return tent_recipe().but(objective=Tsallis(q))
 
 
-@register("adte")
+@register("adte", summary="Tsallis entropy with class-debiased q from an online label-bias estimate",
+          adapts="norm affine", cost=Cost(grad=1, backward=1, nograd=0))
 def adte(model, *, memory: int = 20, gap: float = 1.0, q_range=(0.01, 0.9), min_entries: int = 100):
     return tent_recipe().but(objective=ClassDebiasedTsallis(memory, gap, tuple(q_range), min_entries))

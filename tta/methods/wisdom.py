@@ -11,7 +11,7 @@ from typing import Optional
 from ..adapter import Recipe
 from ..parts.filters import ConfidenceDrop
 from ..parts.objectives import MarginalEntropyBonus
-from . import register
+from . import Cost, register
 from .eata import eta_recipe
 from .tent import tent_recipe
 from .tsallis import tsallis
@@ -23,17 +23,20 @@ def with_wisdom(recipe: Recipe, margin: float, diversity: float) -> Recipe:
     return recipe.but(filters=[ConfidenceDrop(margin), *recipe.filters], batch_terms=terms)
 
 
-@register("tent_wisdom")
+@register("tent_wisdom", summary="TENT, dropping samples the source model was surer of",
+          adapts="norm affine", cost=Cost(grad=1, backward=1, nograd=1))
 def tent_wisdom(model, *, margin: float = 0.0, diversity: float = 0.5):
     return with_wisdom(tent_recipe(), margin, diversity)
 
 
-@register("eta_wisdom")
+@register("eta_wisdom", summary="ETA, dropping samples the source model was surer of",
+          adapts="norm affine", cost=Cost(grad=1, backward=1, nograd=1))
 def eta_wisdom(model, *, margin: float = 0.0, diversity: float = 0.0, margin_frac: float = 0.4,
                d_margin: float = 0.4, num_classes: Optional[int] = None):
     return with_wisdom(eta_recipe(margin_frac, d_margin, num_classes), margin, diversity)
 
 
-@register("tsallis_wisdom")
+@register("tsallis_wisdom", summary="Tsallis entropy, dropping samples the source model was surer of",
+          adapts="norm affine", cost=Cost(grad=1, backward=1, nograd=1))
 def tsallis_wisdom(model, *, margin: float = 0.0, diversity: float = 0.0, q: float = 0.1):
     return with_wisdom(tsallis(model, q=q), margin, diversity)

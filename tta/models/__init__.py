@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import ConfigError, MissingFileError
 from ..paths import data_root
 from .common import IMAGENET_MEAN, IMAGENET_STD, Normalized
+from .split import split
 
 FAMILIES = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
             "robustbench:<name>", "torchvision:<name>", "timm:<name>", "openclip:<arch>/<pretrained>")
@@ -81,4 +82,4 @@ def _find_cifar_checkpoint(filename: str, url: str, data_dir) -> str:
             f"(set TTA_DATA_DIR or data_dir to choose the folder; source: {url.format(filename)})") from None
 
 
-__all__ = ["load", "Normalized", "FAMILIES"]
+__all__ = ["load", "split", "Normalized", "FAMILIES"]

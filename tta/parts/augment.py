@@ -1,4 +1,6 @@
-"""CoTTA's teacher augmentations (METHODS.md 3.7), for many augmented copies of a batch at once.
+"""CoTTA's teacher augmentations (METHODS.md 3.7; AUG-CT of METHODS-ZOO Z.0.4), for many augmented
+copies of a batch at once, and its light variant AUG-CT-lite (ROID, CMF: reflect padding, no blur, no
+noise).
 
 ``cotta_augment(x, copies, generator)`` returns ``copies`` augmented versions of the batch ``x``
 stacked copy-major, shape ``(copies * B, C, H, W)``. As in CoTTA, each copy draws one value per
@@ -154,24 +156,38 @@ def slice_params(p: Dict[str, torch.Tensor], start: int, stop: int) -> Dict[str,
     return {k: v[start:stop] for k, v in p.items()}
 
 
-def apply_augment(x: torch.Tensor, p: Dict[str, torch.Tensor], noise_std: float = NOISE_STD) -> torch.Tensor:
+PADS = ("edge", "reflect")
+
+
+def apply_augment(x: torch.Tensor, p: Dict[str, torch.Tensor], noise_std: float = NOISE_STD, pad: str = "edge",
+                  blur: bool = True) -> torch.Tensor:
     """The pipeline with given draws ``p``; (B, C, H, W) -> (copies * B, C, H, W). Each copy's noise
-    comes from its own seed, drawn on the images' device, so chunking does not change the result."""
+    comes from its own seed, drawn on the images' device, so chunking does not change the result.
+    ``pad``: ``edge`` (CoTTA) or ``reflect`` (AUG-CT-lite, torch's reflect: the edge pixel is not
+    repeated); ``blur=False`` and ``noise_std=0`` skip those steps (AUG-CT-lite)."""
+    if pad not in PADS:
+        raise ValueError(f"pad must be one of {PADS}, got {pad!r}")
     b, c, h, w = x.shape
     n = len(p["angle"])
     pad_h, pad_w = h // 2, w // 2
     ph, pw = h + 2 * pad_h, w + 2 * pad_w
     out = colour_jitter(x.clamp(0, 1).unsqueeze(0).expand(n, -1, -1, -1, -1), p["jitter"], p["order"])
     # Only the centre crop plus the blur's margin of the padded, transformed image is ever kept, so
-    # the affine is sampled there only; sampling the unpadded image with border clamping equals
-    # sampling its replicate-padded version (the pad is wide enough for every drawn transform).
-    m = BLUR_KERNEL // 2
+    # the affine is sampled there only; sampling the unpadded image with border clamping (reflection
+    # about the edge pixels' centres) equals sampling its edge- (reflect-) padded version: the pad is
+    # wide enough for every drawn transform.
+    m = BLUR_KERNEL // 2 if blur else 0
     theta = affine_theta(p["angle"], p["shift"], p["scale"], ph, pw).to(x)
     grid = F.affine_grid(theta, (n, c, ph, pw), align_corners=False)
     grid = grid[:, pad_h - m:pad_h + h + m, pad_w - m:pad_w + w + m] * torch.tensor([pw / w, ph / h]).to(x)
+    if pad == "reflect":  # the same sampling points in align_corners=True coordinates
+        size = torch.tensor([w, h]).to(x)
+        grid = ((grid + 1) * size - 1) / (size - 1) - 1
     out = F.grid_sample(out.reshape(n * b, c, h, w), grid.repeat_interleave(b, 0), mode="bilinear",
-                        padding_mode="border", align_corners=False)
-    out = gaussian_blur(out.view(n, b, c, h + 2 * m, w + 2 * m), p["sigma"])
+                        padding_mode="border" if pad == "edge" else "reflection", align_corners=pad == "reflect")
+    out = out.view(n, b, c, h + 2 * m, w + 2 * m)
+    if blur:
+        out = gaussian_blur(out, p["sigma"])
     out = torch.where(p["flip"].to(x.device).view(n, 1, 1, 1, 1), out.flip(-1), out)
     if noise_std:
         noise = [torch.randn(out.shape[1:], generator=torch.Generator(x.device).manual_seed(int(seed)),
@@ -183,3 +199,12 @@ def apply_augment(x: torch.Tensor, p: Dict[str, torch.Tensor], noise_std: float 
 def cotta_augment(x: torch.Tensor, copies: int, generator: torch.Generator) -> torch.Tensor:
     """See the module docstring. ``x`` is (B, C, H, W) in [0, 1]; returns (copies * B, C, H, W)."""
     return apply_augment(x, draw_params(copies, x.shape[-2], x.shape[-1], generator))
+
+
+def augment_ct(x: torch.Tensor, generator: torch.Generator, lite: bool = False) -> torch.Tensor:
+    """One AUG-CT draw for the whole batch (RoTTA, RMT, SANTA, PeTTA), or AUG-CT-lite (``lite``: reflect
+    padding, no blur, no noise; ROID, CMF). ``x`` (B, C, H, W) in [0, 1] -> same shape."""
+    p = draw_params(1, x.shape[-2], x.shape[-1], generator)
+    if lite:
+        return apply_augment(x, p, noise_std=0.0, pad="reflect", blur=False)
+    return apply_augment(x, p)

@@ -40,6 +40,24 @@ class BatchStats:
         return "BatchStats()"
 
 
+class TrainStats:
+    """PyTorch's own train mode for the BN layers (N-train): normalise with the batch statistics and move
+    the running buffers, ``r <- (1 - m) r + m stat`` with the unbiased batch variance, so a later forward
+    in eval mode uses them (BN-EMA, AdaContrast). Everything else stays in eval mode."""
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, BATCH_NORMS):
+                if m.running_mean is None:
+                    raise ConfigError("train-mode statistics need running buffers, but a BN layer has none")
+                m.train()
+        return model
+
+    def __repr__(self):
+        return "TrainStats()"
+
+
 class AlphaStats:
     """Mix source and batch moments per channel: ``mu = (1-a) mu_src + a mu_B`` (likewise the variance).
 
@@ -119,5 +137,4 @@ def _alpha_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> to
 
 def uses_batch_stats(model: nn.Module) -> bool:
     """True when some BN layer normalises with batch statistics (a batch of one is then meaningless)."""
-    return any(isinstance(m, BATCH_NORMS) and m.training and not m.track_running_stats and
-               not hasattr(m, "_tta_alpha") for m in model.modules())
+    return any(isinstance(m, BATCH_NORMS) and m.training and not hasattr(m, "_tta_alpha") for m in model.modules())

@@ -23,9 +23,28 @@ def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum()
 
 
+def view_marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``H(mean_v softmax(z_v))`` over the rows (views of one image), the mean taken in log space
+    (``logsumexp - log n``, as TPT and MEMO do) and clamped below at the dtype's most negative finite value
+    so a class with zero mass contributes 0, not NaN."""
+    log_mean = torch.logsumexp(logits.log_softmax(1), 0) - torch.log(torch.tensor(float(logits.shape[0])))
+    log_mean = log_mean.clamp_min(torch.finfo(log_mean.dtype).min)
+    return -(log_mean.exp() * log_mean).sum()
+
+
 def soft_cross_entropy(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """``CE(softmax(target), softmax(logits)) = -sum_k q_k log p_k`` per row (target detached by caller)."""
     return -(target_logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+def symmetric_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """``SCE(z, t) = 1/2 CE(softmax(t), z) + 1/2 CE(softmax(z), t)`` per row (METHODS-ZOO Z.0.2).
+
+    Gradient flows through whichever argument carries one, in both halves (RMT, ROID, CMF and PeTTA
+    differentiate through the student's softmax in the second half too); detach ``target_logits``
+    yourself for a fixed teacher.
+    """
+    return 0.5 * soft_cross_entropy(target_logits, logits) + 0.5 * soft_cross_entropy(logits, target_logits)
 
 
 class Entropy(Part):

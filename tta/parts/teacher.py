@@ -1,11 +1,11 @@
-"""Mean-teacher parts (CoTTA, METHODS.md 3.7): EMA teacher, anchor confidence gate, stochastic restore,
-and the teacher-to-student cross-entropy. Each is small and testable on its own; ``methods/cotta.py``
-strings them together.
+"""Mean-teacher parts (CoTTA, METHODS.md 3.7; RoTTA, RMT, AdaContrast, ROID, CMF, PeTTA of METHODS-ZOO):
+parameter EMA, EMA teacher, anchor confidence gate, stochastic restore, and the teacher-to-student
+cross-entropy. Each is small and testable on its own; the methods string them together.
 """
 from __future__ import annotations
 
 import copy
-from typing import List, Sequence
+from typing import Iterable, List, Sequence, Union
 
 import torch
 from torch import nn
@@ -13,7 +13,29 @@ from torch import nn
 from ..errors import ConfigError
 from .augment import device_generator
 from .base import Part
-from .objectives import soft_cross_entropy
+from .objectives import soft_cross_entropy, symmetric_cross_entropy
+
+
+Tensors = Union[nn.Module, Iterable[torch.Tensor]]
+
+
+def _params(x: Tensors) -> List[torch.Tensor]:
+    return list(x.parameters()) if isinstance(x, nn.Module) else list(x)
+
+
+@torch.no_grad()
+def ema_(dst: Tensors, src: Tensors, momentum: float, trainable_only: bool = False) -> None:
+    """``EMA_m(dst <- src)``: ``d <- m d + (1 - m) s`` for each pair of parameters, in place on ``dst``.
+
+    Parameters only, never buffers (BN statistics stay each network's own). ``dst`` and ``src`` are
+    modules (their parameters, in module order) or lists of tensors of the same shapes.
+    ``trainable_only``: only the tensors of ``dst`` that require grad (ROID's ensembling with the source
+    moves the adapted tensors, not the frozen ones). Computed as ``lerp(d, s, 1 - m)``.
+    """
+    pairs = [(d, s) for d, s in zip(_params(dst), _params(src)) if d.requires_grad or not trainable_only]
+    if pairs:
+        d, s = zip(*pairs)
+        torch._foreach_lerp_(list(d), [t.detach() for t in s], 1.0 - momentum)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -41,10 +63,8 @@ class EMATeacher(Part):
         else:
             self.model.load_state_dict(student.state_dict())
 
-    @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        teacher = list(self.model.parameters())
-        torch._foreach_lerp_(teacher, [p.detach() for p in student.parameters()], 1.0 - self.momentum)
+        ema_(self.model, student, self.momentum)
 
 
 class AnchorGate(Part):
@@ -104,7 +124,6 @@ class TeacherCrossEntropy(Part):
 
     def __call__(self, batch) -> torch.Tensor:
         target = batch.extras["target"].detach()
-        ce = soft_cross_entropy(target, batch.logits)
         if self.symmetric:
-            ce = 0.5 * ce + 0.5 * soft_cross_entropy(batch.logits, target)
-        return ce
+            return symmetric_cross_entropy(batch.logits, target)
+        return soft_cross_entropy(target, batch.logits)
