@@ -10,8 +10,9 @@ from typing import Any, Dict, List
 
 from .. import config as config_mod
 
-CSV_FIELDS = ["round", "domain", "error", "n", "backward", "selected", "steps", "resets", "nonfinite",
-              "seconds", "img_per_s"]
+CSV_FIELDS = ["round", "domain", "error", "ece", "nll", "brier", "n", "backward", "selected", "steps", "resets",
+              "nonfinite", "seconds", "img_per_s"]
+CALIBRATION = (("ece", "ECE %", 2), ("nll", "NLL", 3), ("brier", "Brier", 3))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -38,7 +39,26 @@ def format_table(results: Dict[str, Any]) -> str:
                  f"**{sum(present) / len(present):.2f}**", f"{speed:.0f}" if speed else "-",
                  f"{results['peak_memory_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + calibration_table(results, domains, rounds))
+
+
+def calibration_table(results: Dict[str, Any], domains: List[str], rounds: List[int]) -> List[str]:
+    """ECE (%), NLL and Brier score per domain and their mean, one row per metric and round."""
+    rows = results["domains"]
+    if not rows or "ece" not in rows[0]:
+        return []
+    header = ["method", *(["round"] if len(rounds) > 1 else []), "metric", *domains, "mean"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rd in rounds:
+        for key, label, digits in CALIBRATION:
+            by_domain = {r["domain"]: r[key] for r in rows if r["round"] == rd}
+            vals = [by_domain.get(d) for d in domains]
+            present = [v for v in vals if v is not None]
+            cells = [results["method"], *([str(rd + 1)] if len(rounds) > 1 else []), label,
+                     *(f"{v:.{digits}f}" if v is not None else "-" for v in vals),
+                     f"{sum(present) / len(present):.{digits}f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def to_csv(rows: List[Dict[str, Any]]) -> str:

@@ -171,6 +171,9 @@ def summarise(cfg, stream, acc: ErrorAccumulator, elapsed: float, device, peak_m
         "setting": cfg["setting"], "seed": cfg["seed"], "device": str(device),
         "domains": rows, "rounds": per_round,
         "mean_error": mean(r["error"] for r in rows),
+        # calibration of the scored predictions: mean over (round, domain) cells, as the error
+        "mean_ece": mean(r["ece"] for r in rows), "mean_nll": mean(r["nll"] for r in rows),
+        "mean_brier": mean(r["brier"] for r in rows),
         "img_per_s": n / elapsed if elapsed > 0 else None,
         # memory the run added on top of what was resident when it started (model, data, activations)
         "peak_memory_mb": peak_mb,
