@@ -12,7 +12,9 @@ pytestmark = pytest.mark.realdata
 METHODS = {
     "eta": {}, "sar": {}, "deyo": {}, "tent_wisdom": {}, "eta_wisdom": {}, "tsallis": {}, "tsallis_wisdom": {},
     "adte": {"min_entries": 20}, "rdumb": {"every": 3}, "eata": {"fisher_n": 128, "fisher_batch_size": 64},
+    "come": {}, "come_eata": {"host": "eata", "fisher_n": 128, "fisher_batch_size": 64},
 }
+ALIASES = {"come_eata": "come"}  # a test id -> the registered method
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +35,9 @@ def clean_train(data_dir):
 
 def make(name, data_dir, clean_train, **kw):
     options = dict(METHODS[name], **kw)
-    if name == "eata":
+    if name in ("eata", "come_eata"):
         options["fisher_data"] = clean_train
-    return tta.wrap(tta.models.load("cifar_resnet20", data_dir=data_dir), name, **options)
+    return tta.wrap(tta.models.load("cifar_resnet20", data_dir=data_dir), ALIASES.get(name, name), **options)
 
 
 def state_of(adapter):

@@ -25,6 +25,7 @@ from .errors import InputError
 from .parts.norm import uses_batch_stats
 from .parts.optim import OptimizerSpec
 from .parts.params import NoParams, freeze_all_but
+from .parts.postprocess import build as build_postprocess
 from .parts.steps import PlainStep
 
 
@@ -45,6 +46,7 @@ class Recipe:
     resets: Sequence[Callable] = ()
     after_step: Sequence[Callable] = ()  # (adapter) -> None after every update: parameter-space moves
     output: Optional[Callable] = None  # (adapter, Output) -> prediction; default: the loss forward's logits
+    entropy: Optional[Callable] = None  # logits -> per-sample uncertainty read by objective/filters/weights
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     adapter_cls: Optional[type] = None  # an Adapter subclass for methods with their own loop
     options: Dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for adapter_cls
@@ -82,8 +84,10 @@ class Batch:
 
     @cached_property
     def entropy(self) -> torch.Tensor:
-        """Per-sample Shannon entropy, differentiable."""
-        return -(self.probs * self.log_probs).sum(1)
+        """Per-sample entropy, differentiable: Shannon's, or the recipe's own measure when it has one
+        (COME's opinion entropy replaces it in the loss, the filters and the weights alike)."""
+        fn = self.adapter.recipe.entropy if self.adapter is not None else None
+        return fn(self.logits) if fn is not None else -(self.probs * self.log_probs).sum(1)
 
 
 @dataclass
@@ -135,11 +139,12 @@ class Adapter(nn.Module):
 
     def __init__(self, model: nn.Module, recipe: Recipe, *, optimizer: Optional[OptimizerSpec] = None,
                  steps: int = 1, episodic: bool = False, seed: int = 0, validate: bool = True,
-                 channels: Optional[int] = 3):
+                 channels: Optional[int] = 3, postprocess=None):
         super().__init__()
         self.model = recipe.norm(model)
         self.recipe = recipe
         self.steps, self.episodic, self.seed, self.validate, self.channels = steps, episodic, seed, validate, channels
+        self.postprocess = build_postprocess(postprocess)  # applied to every returned prediction (em_inf)
         named = recipe.params(self.model) if recipe.objective is not None else []
         freeze_all_but(self.model, named)
         self.param_names = [n for n, _ in named]
@@ -175,7 +180,8 @@ class Adapter(nn.Module):
         if self.episodic:
             self.reset()
         self.counters["batches"] += 1
-        return self.adapt(x)
+        out = self.adapt(x)
+        return out if self.postprocess is None else self.postprocess(out)
 
     def reset(self) -> None:
         """Back to the source model, optimizer and part states, bit for bit."""

@@ -166,6 +166,10 @@ def validate(cfg: Dict[str, Any]) -> None:
     unknown = sorted(set(method) - allowed)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} for method {name!r}; allowed: {', '.join(sorted(allowed))}")
+    from .parts.postprocess import build as build_postprocess
+    for key in ("postprocess", "sharpen"):
+        if method.get(key) is not None:
+            build_postprocess(method[key])  # a wrong name or option is a ConfigError now, not mid-run
     streams.check_options(cfg["setting"], cfg["stream"])
     _check_model_name(cfg["model"]["name"])
     if cfg["data"]["source"] not in ("files", "generate", "auto"):

@@ -20,7 +20,7 @@ _LOADED = False
 
 # overrides every method accepts: optimizer fields, loop options
 OPTIMIZER_KEYS = ("optimizer", "lr", "momentum", "nesterov", "betas", "eps", "weight_decay")
-LOOP_KEYS = ("steps", "episodic", "seed", "validate")
+LOOP_KEYS = ("steps", "episodic", "seed", "validate", "postprocess")
 COMMON_KEYS = OPTIMIZER_KEYS + LOOP_KEYS
 
 

@@ -19,6 +19,7 @@ from ..adapter import Adapter, Batch, Recipe
 from ..errors import ConfigError
 from ..parts.norm import SourceStats
 from ..parts.objectives import ClassDebiasedTsallis
+from ..parts.postprocess import build as build_postprocess
 from ..parts.views import augmented_views, lowest
 from . import Cost, register
 
@@ -40,11 +41,12 @@ class ViewDebiasedTsallis(ClassDebiasedTsallis):
 
 class ADTEViewsAdapter(Adapter):
     def __init__(self, model, recipe: Recipe, *, views: int = 64, keep: float = 0.1, bias: str = "online",
-                 label_adjust: bool = True, score: Optional[ViewDebiasedTsallis] = None, **kw):
+                 label_adjust: bool = True, score: Optional[ViewDebiasedTsallis] = None, sharpen=None, **kw):
         if bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
         super().__init__(model, recipe, **kw)
         self.views, self.keep, self.bias, self.label_adjust, self.score = views, keep, bias, label_adjust, score
+        self.sharpen = build_postprocess(sharpen)
         self.fitted = False
 
     def reset_state(self) -> None:
@@ -73,6 +75,8 @@ class ADTEViewsAdapter(Adapter):
         adjusted = z[chosen]
         if self.label_adjust and self.score.bias_estimate is not None and self.score.entries >= self.score.min_entries:
             adjusted = adjusted - self.score.bias_estimate.to(z.device)
+        if self.sharpen is not None:  # e.g. em_inf: each view sharpened before the soft vote
+            adjusted = self.sharpen(adjusted)
         vote = adjusted.softmax(1).mean(0)
         if self.bias == "online":
             self.score.remember(z.mean(0, keepdim=True))
@@ -83,8 +87,10 @@ class ADTEViewsAdapter(Adapter):
 @register("adte_views", summary="training-free debiased Tsallis scoring of 64 views per image",
           adapts="nothing", cost=Cost(nograd=64, params="none"))
 def adte_views(model, *, views: int = 64, keep: float = 0.1, bias: str = "online", label_adjust: bool = True,
-               memory: int = 20, gap: float = 1.0, q_range=(0.01, 0.9), min_entries: int = 100):
-    """Training-free; ``min_entries`` applies to the online mode (two-pass scores with whatever it stored)."""
+               memory: int = 20, gap: float = 1.0, q_range=(0.01, 0.9), min_entries: int = 100, sharpen=None):
+    """Training-free; ``min_entries`` applies to the online mode (two-pass scores with whatever it stored);
+    ``sharpen``: a post-processor (``em_inf``) applied to each selected view's logits before the vote."""
     score = ViewDebiasedTsallis(memory, gap, tuple(q_range), min_entries if bias == "online" else 1)
     return Recipe(norm=SourceStats(), adapter_cls=ADTEViewsAdapter,
-                  options=dict(views=views, keep=keep, bias=bias, label_adjust=label_adjust, score=score))
+                  options=dict(views=views, keep=keep, bias=bias, label_adjust=label_adjust, score=score,
+                               sharpen=sharpen))

@@ -28,6 +28,7 @@ from ..parts.augment import apply_augment, draw_params, slice_params
 from ..parts.norm import BatchStats
 from ..parts.optim import OptimizerSpec
 from ..parts.params import AllParams
+from ..parts.postprocess import build as build_postprocess
 from ..parts.teacher import AnchorGate, EMATeacher, StochasticRestore, TeacherCrossEntropy
 from . import Cost, register
 
@@ -39,8 +40,10 @@ class CoTTAAdapter(Adapter):
     move with ``.to(device)`` and are saved with the adapter."""
 
     def __init__(self, model, recipe: Recipe, *, ema: float = 0.999, threshold: float = 0.92,
-                 restore: float = 0.01, augmentations: int = 32, aug_batch: Optional[int] = None, **loop):
+                 restore: float = 0.01, augmentations: int = 32, aug_batch: Optional[int] = None, sharpen=None,
+                 **loop):
         super().__init__(model, recipe, **loop)
+        self.sharpen = build_postprocess(sharpen)
         if augmentations < 1 or (aug_batch is not None and aug_batch < 1):
             raise ConfigError(f"augmentations and aug_batch must be >= 1, got {augmentations}, {aug_batch}")
         self.augmentations, self.aug_batch = augmentations, aug_batch
@@ -58,6 +61,8 @@ class CoTTAAdapter(Adapter):
         prediction = None
         for _ in range(self.steps):
             target = self.teacher_output(x)
+            if self.sharpen is not None:  # e.g. em_inf: sharper soft pseudo-labels, same arg-max
+                target = self.sharpen(target)
             logits = self.model(x)
             batch = Batch(x, logits, self)
             batch.extras["target"] = target
@@ -93,13 +98,14 @@ class CoTTAAdapter(Adapter):
 @register("cotta", summary="EMA teacher with augmentation-averaged pseudo-labels and stochastic restore",
           adapts="all weights", cost=Cost(grad=1, backward=1, nograd=34, params="all"))
 def cotta(model, *, ema: float = 0.999, threshold: float = 0.92, restore: float = 0.01, augmentations: int = 32,
-          aug_batch: Optional[int] = None, loss: str = "ce"):
+          aug_batch: Optional[int] = None, loss: str = "ce", sharpen=None):
     """``ema``: teacher momentum; ``threshold``: anchor confidence below which the teacher averages
     ``augmentations`` views; ``restore``: stochastic restore probability; ``loss``: ``ce`` (CIFAR) or
-    ``symmetric`` (ImageNet)."""
+    ``symmetric`` (ImageNet); ``sharpen``: a post-processor (``em_inf``) applied to the teacher's logits
+    before they become the student's soft targets (and the prediction)."""
     if loss not in LOSSES:
         raise ConfigError(f"cotta loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     return Recipe(norm=BatchStats(), params=AllParams(), objective=TeacherCrossEntropy(loss == "symmetric"),
                   optimizer=OptimizerSpec("adam", lr=1e-3), adapter_cls=CoTTAAdapter,
                   options=dict(ema=ema, threshold=threshold, restore=restore, augmentations=augmentations,
-                               aug_batch=aug_batch))
+                               aug_batch=aug_batch, sharpen=sharpen))

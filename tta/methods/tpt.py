@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..parts.norm import SourceStats
 from ..parts.objectives import Entropy, entropy, view_marginal_entropy
 from ..parts.optim import OptimizerSpec
+from ..parts.postprocess import build as build_postprocess
 from ..parts.views import augmented_views, lowest
 from . import Cost, register
 
@@ -53,9 +54,10 @@ class PromptTuned(nn.Module):
 
 class TPTAdapter(Adapter):
     def __init__(self, model, recipe: Recipe, *, views: int = 64, keep: float = 0.1,
-                 ctx_init: str = "a photo of a", **kw):
+                 ctx_init: str = "a photo of a", sharpen=None, **kw):
         super().__init__(PromptTuned(model, ctx_init), recipe, **kw)
         self.views, self.keep = views, keep
+        self.sharpen = build_postprocess(sharpen)
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self._tune_and_predict(image) for image in x])
@@ -70,7 +72,10 @@ class TPTAdapter(Adapter):
             logits = clf.logits_from_features(u, self.model.text_features())
             if chosen is None:  # views chosen once, at the first step
                 chosen = lowest(entropy(logits.detach()), self.keep)
-            loss = view_marginal_entropy(logits[chosen])
+            kept = logits[chosen]
+            if self.sharpen is not None:  # sharpened values, gradients of the raw logits (straight through)
+                kept = kept + (self.sharpen(kept.detach()) - kept.detach())
+            loss = view_marginal_entropy(kept)
             self.backward(loss)
             self.optimizer_step()
         self.last = {"selected": chosen.numel(), "loss": float(loss.detach()), "views": self.views}
@@ -80,8 +85,9 @@ class TPTAdapter(Adapter):
 
 @register("tpt", summary="episodic prompt tuning on confident augmented views",
           adapts="prompt context vectors", cost=Cost(grad=64, backward=1, nograd=1, params="all"))
-def tpt(model, *, views: int = 64, keep: float = 0.1, ctx_init: str = "a photo of a"):
-    """One AdamW step (lr 5e-3, weight decay 0.01) on 4 prompt vectors, episodic per image."""
+def tpt(model, *, views: int = 64, keep: float = 0.1, ctx_init: str = "a photo of a", sharpen=None):
+    """One AdamW step (lr 5e-3, weight decay 0.01) on 4 prompt vectors, episodic per image. ``sharpen``: a
+    post-processor (``em_inf``) applied to the kept views' logits before their average (straight-through)."""
     return Recipe(norm=SourceStats(), params=lambda m: [("ctx", m.ctx)], objective=Entropy(),
                   optimizer=OptimizerSpec("adamw", lr=5e-3, weight_decay=0.01), adapter_cls=TPTAdapter,
-                  options=dict(views=views, keep=keep, ctx_init=ctx_init))
+                  options=dict(views=views, keep=keep, ctx_init=ctx_init, sharpen=sharpen))

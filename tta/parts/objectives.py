@@ -4,6 +4,7 @@ Formulas: METHODS.md section 1 (Shannon entropy, marginal entropy, cross-entropy
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -45,6 +46,31 @@ def symmetric_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -
     yourself for a fixed teacher.
     """
     return 0.5 * soft_cross_entropy(target_logits, logits) + 0.5 * soft_cross_entropy(logits, target_logits)
+
+
+class COMEEntropy(Part):
+    """COME's conservative entropy (METHODS-ZOO Z.14; Zhang et al., ICLR 2025), a drop-in for Shannon's.
+
+    With ``z^ = z * sg(||z||) / ||z||`` (same value; the gradient cannot grow the logit norm), evidence
+    ``e_k = exp(z^_k)``, ``S = sum_k e_k + K``, opinion ``b_k = e_k / S`` and uncertainty mass ``u = K / S``:
+    ``H = -sum_j o_j ln o_j`` over ``o = [b_1..b_C, u] + 1e-7``. Since ``[b, u] = softmax([z^, ln K])``,
+    it is computed that way, which is the reference's formula without its overflow of ``exp`` above 88
+    (Z.14 pitfall). ``k``: K; None = the number of classes (our choice; the official code hard-codes
+    1000, ImageNet's class count, so ``k=1000`` reproduces it there).
+    """
+
+    def __init__(self, k: Optional[float] = None):
+        if k is not None and not k > 0:
+            raise ConfigError(f"COME's K must be > 0, got {k}")
+        self.k = k
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        norm = logits.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        z = logits * (norm.detach() / norm)
+        k = float(self.k if self.k is not None else logits.shape[1])
+        extra = torch.full_like(z[:, :1], math.log(k))
+        o = torch.cat([z, extra], 1).softmax(1) + 1e-7
+        return -(o * o.log()).sum(1)
 
 
 class Entropy(Part):
