@@ -12,7 +12,7 @@ pytestmark = pytest.mark.realdata
 METHODS = {
     "eta": {}, "sar": {}, "deyo": {}, "tent_wisdom": {}, "eta_wisdom": {}, "tsallis": {}, "tsallis_wisdom": {},
     "adte": {"min_entries": 20}, "rdumb": {"every": 3}, "eata": {"fisher_n": 128, "fisher_batch_size": 64},
-    "come": {}, "come_eata": {"host": "eata", "fisher_n": 128, "fisher_batch_size": 64},
+    "eata_c": {"fisher_n": 128, "fisher_batch_size": 64}, "come": {}, "come_eata": {"host": "eata", "fisher_n": 128, "fisher_batch_size": 64},
 }
 ALIASES = {"come_eata": "come"}  # a test id -> the registered method
 
@@ -35,7 +35,7 @@ def clean_train(data_dir):
 
 def make(name, data_dir, clean_train, **kw):
     options = dict(METHODS[name], **kw)
-    if name in ("eata", "come_eata"):
+    if name in ("eata", "eata_c", "come_eata"):
         options["fisher_data"] = clean_train
     return tta.wrap(tta.models.load("cifar_resnet20", data_dir=data_dir), ALIASES.get(name, name), **options)
 
