@@ -37,7 +37,11 @@ SCHEMA: Dict[str, Any] = {
     },
     "stream": dict,  # protocol options, validated against the protocol's signature
     "method": dict,  # name + options, validated against the method's signature
-    "output": {"dir": str, "save": bool, "run_name": (str, type(None))},
+    "output": {"dir": str, "save": bool, "run_name": (str, type(None)),
+               # run-time settings that do not change the numbers (left out of the runner's config hash):
+               "loggers": list,  # any of tta.eval.loggers.LOGGERS
+               "logger_options": dict,  # {logger name: {option: value}}, see tta.eval.loggers
+               "lock_wait": (float, type(None))},  # seconds to wait for a busy results folder; None: the caller's
 }
 
 DEFAULTS: Dict[str, Any] = {
@@ -47,7 +51,8 @@ DEFAULTS: Dict[str, Any] = {
              "n_examples": None, "seed": 0, "imagenet_subset": "robustbench_5000"},
     "stream": {"batch_size": 200},
     "method": {"name": "source"},
-    "output": {"dir": "results", "save": True, "run_name": None},
+    "output": {"dir": "results", "save": True, "run_name": None, "loggers": [], "logger_options": {},
+               "lock_wait": None},
 }
 
 
@@ -91,12 +96,16 @@ def _read_with_bases(path: Path, seen: set) -> Dict[str, Any]:
 
 def merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
     """Recursive dict merge; ``top`` wins. The ``method`` block is replaced, not merged, when the method
-    name changes (options of one method mean nothing to another)."""
+    name changes (options of one method mean nothing to another); so is the ``model`` block when the
+    model name changes (a RobustBench model's ``dataset`` option means nothing to a timm model)."""
     out = dict(base)
     for k, v in top.items():
         if k == "method" and isinstance(v, dict) and isinstance(out.get(k), dict) \
                 and "name" in v and v["name"] != out[k].get("name"):
             out[k] = copy.deepcopy(v)
+        elif k == "model" and isinstance(v, dict) and isinstance(out.get(k), dict) \
+                and "name" in v and v["name"] != out[k].get("name"):
+            out[k] = merge({"checkpoint": None, "options": {}}, v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
         else:
@@ -122,6 +131,8 @@ def apply_override(cfg: Dict[str, Any], item: str) -> None:
         node = node[p]
     if parts[-1] == "name" and node is cfg.get("method") and value != node.get("name"):
         node.clear()  # a new method starts from its own defaults
+    if parts[-1] == "name" and node is cfg.get("model") and value != node.get("name"):
+        node.update(checkpoint=None, options={})  # a new model starts without the old one's options
     node[parts[-1]] = value
 
 
@@ -182,6 +193,7 @@ def validate(cfg: Dict[str, Any]) -> None:
         if s not in (1, 2, 3, 4, 5):
             raise ConfigError(f"data.severities must hold integers 1..5, got {s!r}")
     _check_corruptions(cfg["data"]["corruptions"])
+    _check_output(cfg["output"])
 
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
@@ -204,6 +216,14 @@ def _check_corruptions(names) -> None:
     bad = [n for n in names if n not in known]
     if bad:
         raise ConfigError(f"unknown corruption(s) {bad}; allowed: {', '.join(known)}")
+
+
+def _check_output(output: Dict[str, Any]) -> None:
+    from .eval.loggers import check_options
+    check_options(output["loggers"], output["logger_options"])
+    wait = output["lock_wait"]
+    if wait is not None and wait < 0:
+        raise ConfigError(f"output.lock_wait must be a number of seconds >= 0 or null, got {wait!r}")
 
 
 def dump(cfg: Dict[str, Any]) -> str:

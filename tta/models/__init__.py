@@ -30,20 +30,34 @@ def load(name: str, checkpoint: Optional[str] = None, *, data_dir=None, **kwargs
         raise ConfigError(f"unknown model name {name!r}; expected one of: {', '.join(FAMILIES)}")
     if family == "robustbench":
         from . import robustbench
+        _check_options(family, robustbench.load, kwargs, taken=("name",))
         kw = dict(kwargs)
         if data_dir is not None:
             kw.setdefault("model_dir", str(data_root(data_dir) / "models" / "robustbench"))
         return robustbench.load(rest, **kw).eval()
     if family == "torchvision":
         from . import hub
+        _check_options(family, hub.load_torchvision, kwargs)
         return hub.load_torchvision(rest, checkpoint=checkpoint, **kwargs).eval()
     if family == "timm":
         from . import hub
+        _check_options(family, hub.load_timm, kwargs)
         return hub.load_timm(rest, checkpoint=checkpoint, **kwargs).eval()
     if family == "openclip":
         from . import clip
+        _check_options(family, clip.load, kwargs)
         return clip.load(rest, checkpoint=checkpoint, data_dir=data_dir, **kwargs).eval()
     raise ConfigError(f"unknown model family {family!r} in {name!r}; expected one of: {', '.join(FAMILIES)}")
+
+
+def _check_options(family: str, loader, kwargs, taken=("name", "checkpoint", "data_dir")) -> None:
+    """One clear error for a model option its family does not take (a leftover of another family's config)."""
+    import inspect
+    allowed = [p for p in inspect.signature(loader).parameters if p not in taken]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{family} models do not take the option(s) {unknown} (model.options); "
+                          f"they take: {', '.join(allowed)}")
 
 
 def load_cifar_resnet(name: str, checkpoint: Optional[str] = None, *, data_dir=None) -> nn.Module:
