@@ -124,3 +124,65 @@ def test_sar_and_deyo_skip_the_top_of_the_clip_visual_tower():
         assert not any("resblocks.1." in n or "ln_post" in n for n in adapter.param_names)
         logits = adapter(_x(8))
         assert torch.isfinite(logits).all()
+
+
+# ------------------------------------------------- CLIPTTA additions (METHODS.md 3.9, gap 7)
+def test_cliptta_adapt_text_moves_only_layernorms_predicts_with_them_and_resets_them():
+    from tta.models.clip_text import classifier_text
+    m = tiny_clip()
+    text0 = {k: v.clone() for k, v in m.text.state_dict().items()}
+    vis0 = {k: v.clone() for k, v in m.visual.state_dict().items()}
+    cached = m.text_features.clone()
+    a = tta.wrap(m, "cliptta", adapt_text=True, lr=1e-2, sample_size=3)
+    text_names = [n for n in a.param_names if n.startswith("text.")]
+    assert text_names and all(".ln" in n or n.startswith("text.ln_final") for n in text_names)
+    assert a.recipe.objective.text_to_image  # both directions of L_sc once text adapts (reference)
+    x = _x(6)
+    out = a(x)
+    moved = {k for k, v in m.text.state_dict().items() if not torch.equal(v, text0[k])}
+    assert moved and moved <= {n[len("text."):] for n in text_names}
+    assert {k for k, v in m.visual.state_dict().items() if not torch.equal(v, vis0[k])} <= \
+        {n[len("visual."):] for n in a.param_names}
+    with torch.no_grad():
+        expected = m.logits_from_features(m.encode_image(x), classifier_text(m, m.templates))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, m(x).detach())  # the cached prototypes are the source ones, left alone
+    torch.testing.assert_close(m.text_features, cached, rtol=0, atol=0)
+    a.reset()
+    assert all(torch.equal(v, text0[k]) for k, v in m.text.state_dict().items())
+    assert all(torch.equal(v, vis0[k]) for k, v in m.visual.state_dict().items())
+    assert torch.equal(a(x), out)
+
+
+def test_cliptta_memory_only_loss_is_the_memory_sample_terms_alone():
+    from tta.adapter import Batch
+    from tta.parts.clip_losses import SoftContrastive
+    from tta.parts.objectives import marginal_entropy
+    x = _x(6)
+    losses = {}
+    for memory_only in (False, True):  # lr 0: the memory sample is scored by the source model
+        a = tta.wrap(tiny_clip(), "cliptta", memory_only=memory_only, steps=1, lr=0.0, sample_size=3)
+        a(x)
+        losses[memory_only] = a.last["loss"]
+    assert len(a.memory) > 0 and a.memory_only
+    sample = a.memory.sample(a.per_class, torch.Generator().manual_seed(a.seed))
+    with torch.no_grad():
+        z = a.model(sample)
+        expected = SoftContrastive()(Batch(sample, z, a)).mean() - marginal_entropy(z)
+    assert losses[True] == pytest.approx(float(expected), rel=1e-5)
+    assert losses[False] != pytest.approx(losses[True], rel=1e-3)  # the batch terms are the difference
+
+
+@pytest.mark.parametrize("options", [{"adapt_text": True}, {"memory_only": True},
+                                     {"memory_only": True, "open_set": True}])
+def test_cliptta_variants_are_deterministic_and_reset_exactly(options):
+    x = _x(6)
+    a = tta.wrap(tiny_clip(), "cliptta", lr=1e-2, sample_size=3, steps=3, **options)
+    source = {k: v.clone() for k, v in a.state_dict().items()}
+    out = a(x)
+    assert torch.isfinite(out).all() and a.counters["steps"] == 3
+    a.reset()
+    assert all(torch.equal(v, source[k]) for k, v in a.state_dict().items())
+    assert torch.equal(a(x), out)
+    b = tta.wrap(tiny_clip(), "cliptta", lr=1e-2, sample_size=3, steps=3, **options)
+    assert torch.equal(b(x), out)
