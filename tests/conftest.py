@@ -36,3 +36,14 @@ def tiny_bn_model():
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+
+
+@pytest.fixture(scope="session")
+def dev_domains(cifar_test):
+    """The first 256 CIFAR-10 test images under the REFERENCE.md dev-stream shifts (float, [0, 1])."""
+    import torch.nn.functional as F
+    x = cifar_test[0][:256].float() / 255
+    noise = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    m = x.mean(dim=(2, 3), keepdim=True)
+    return {"noise": noise, "contrast": ((x - m) * 0.15 + m).clamp(0, 1),
+            "blur": F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1), "dark": x * 0.4}

@@ -270,13 +270,9 @@ def test_configs_load():
 
 # ------------------------------------------------------------------------------------------ real data
 @pytest.fixture(scope="module")
-def batches(cifar_test):
-    x, _ = cifar_test
-    x = x[:64].float() / 255
-    noise = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
-    m = x.mean(dim=(2, 3), keepdim=True)
-    contrast = ((x - m) * 0.15 + m).clamp(0, 1)
-    return [noise[:32], noise[32:], contrast[:32], contrast[32:]]
+def batches(dev_domains):
+    noise, contrast = dev_domains["noise"], dev_domains["contrast"]
+    return [noise[:32], noise[32:64], contrast[:32], contrast[32:64]]
 
 
 @pytest.fixture(scope="module")

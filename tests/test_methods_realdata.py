@@ -18,13 +18,9 @@ ALIASES = {"come_eata": "come"}  # a test id -> the registered method
 
 
 @pytest.fixture(scope="module")
-def batches(cifar_test):
-    x, _ = cifar_test
-    x = x[:128].float() / 255
-    noise = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
-    m = x.mean(dim=(2, 3), keepdim=True)
-    contrast = ((x - m) * 0.15 + m).clamp(0, 1)
-    return [noise[:64], noise[64:], contrast[:64], contrast[64:]]
+def batches(dev_domains):
+    noise, contrast = dev_domains["noise"], dev_domains["contrast"]
+    return [noise[:64], noise[64:128], contrast[:64], contrast[64:128]]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import tta
@@ -290,11 +289,9 @@ def test_switches_and_bad_options(tiny_bn_model):
 
 # ------------------------------------------------------------------------------------ real data
 @pytest.fixture(scope="module")
-def batches(cifar_test):
+def batches(dev_domains):
     """The dev stream's last two shifts (REFERENCE.md: blur, dark) on 128 test images, batches of 64."""
-    x = cifar_test[0][:128].float() / 255
-    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    return [*blur.split(64), *(0.4 * x).split(64)]
+    return [*dev_domains["blur"][:128].split(64), *dev_domains["dark"][:128].split(64)]
 
 
 def part_state(adapter):

@@ -18,7 +18,6 @@ from tta.parts.memory import CSTUMemory, timeliness
 from tta.parts.robust_bn import RobustStats, robust_layers, set_robust_training
 
 # the four 64-image real-data batches (noise, noise, contrast, contrast) of the other method tests
-from test_methods_realdata import batches  # noqa: F401  (a pytest fixture)
 
 
 def img(v: float) -> torch.Tensor:
@@ -345,6 +344,12 @@ def test_a_batch_of_one_is_accepted(tiny_bn_model):
 
 
 # --------------------------------------------------------------------------------------- real data
+@pytest.fixture(scope="module")
+def batches(dev_domains):
+    noise, contrast = dev_domains["noise"], dev_domains["contrast"]
+    return [noise[:64], noise[64:128], contrast[:64], contrast[64:128]]
+
+
 def full_state(a):
     return {k: v.clone() for k, v in a.state_dict().items()}
 
