@@ -1,8 +1,8 @@
 """Method registry: ``register("name")`` on a function returning a :class:`~tta.adapter.Recipe`.
 
 ``build(model, name, **overrides)`` splits the overrides into the ones every method shares (optimizer,
-lr, steps, episodic, seed, ...) and the method's own keyword arguments; an unknown name or key is one
-clear error listing what is allowed.
+lr, steps, episodic, seed, the fast options precision / memory_format / compile, ...) and the method's own
+keyword arguments; an unknown name or key is one clear error listing what is allowed.
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from ..errors import ConfigError
 _REGISTRY: Dict[str, Callable] = {}
 _LOADED = False
 
-# overrides every method accepts: optimizer fields, loop options
+# overrides every method accepts: optimizer fields, loop options, the fast options (tta.fast)
 OPTIMIZER_KEYS = ("optimizer", "lr", "momentum", "nesterov", "betas", "eps", "weight_decay")
-LOOP_KEYS = ("steps", "episodic", "seed", "validate", "postprocess")
+FAST_KEYS = ("precision", "memory_format", "compile")
+LOOP_KEYS = ("steps", "episodic", "seed", "validate", "postprocess") + FAST_KEYS
 COMMON_KEYS = OPTIMIZER_KEYS + LOOP_KEYS
 
 
@@ -58,19 +59,27 @@ class MethodInfo:
     adapts: str
     cost: Cost
     source_data: Optional[str]  # what source data it needs (None: none)
+    requires: str = "classifier"  # the model it needs: any classifier, a CLIP zero-shot classifier, a timm ViT
 
 
 _INFO: Dict[str, MethodInfo] = {}
 
 
+REQUIRES = ("classifier", "clip", "timm_vit")
+
+
 def register(name: str, *, summary: str = "", adapts: str = "nothing", cost: Cost = Cost(),
-             source_data: Optional[str] = None):
-    """Register a recipe function under ``name``; the keywords describe the method for ``tta methods``."""
+             source_data: Optional[str] = None, requires: str = "classifier"):
+    """Register a recipe function under ``name``; the keywords describe the method for ``tta methods``.
+    ``requires``: ``classifier`` (any image classifier), ``clip`` (an open_clip zero-shot classifier,
+    ``tta.models.load("openclip:...")``) or ``timm_vit`` (a timm Vision Transformer)."""
+    if requires not in REQUIRES:
+        raise ValueError(f"requires must be one of {REQUIRES}, got {requires!r}")
     def deco(fn: Callable) -> Callable:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"method {name!r} registered twice")
         _REGISTRY[name] = fn
-        _INFO[name] = MethodInfo(name, summary, adapts, cost, source_data)
+        _INFO[name] = MethodInfo(name, summary, adapts, cost, source_data, requires)
         fn.method_name = name
         return fn
     return deco
@@ -129,4 +138,5 @@ def build(model, name: str, **overrides):
     return adapter
 
 
-__all__ = ["register", "build", "available", "get", "info", "method_options", "Cost", "MethodInfo", "COMMON_KEYS"]
+__all__ = ["register", "build", "available", "get", "info", "method_options", "Cost", "MethodInfo", "COMMON_KEYS",
+           "FAST_KEYS"]
