@@ -99,7 +99,7 @@ class CLIPArTTAdapter(CaptionAdapter):
 
 
 @register("clipartt", summary="CLIP pseudo-captions from each image's top-K classes, soft contrastive targets",
-          adapts="visual LayerNorm affine", cost=Cost(grad=10, backward=10, nograd=1))
+          adapts="visual LayerNorm affine", cost=Cost(grad=10, backward=10, nograd=1), requires="clip")
 def clipartt(model, *, k: int = 3, template: str = "a photo of a {}", temperature: float = 0.01,
              targets: str = "transposed", skip_saturated: bool = False):
     """10 Adam steps (lr 1e-3, hard-coded in the official code) per batch, episodic. ``k``: classes per caption;

@@ -162,7 +162,7 @@ class CLIPTTAAdapter(Adapter):
 
 @register("cliptta", summary="soft contrastive loss between CLIP images and class texts",
           adapts="visual LayerNorm affine (+ text LayerNorm with adapt_text)",
-          cost=Cost(grad=10, backward=10, nograd=1))
+          cost=Cost(grad=10, backward=10, nograd=1), requires="clip")
 def cliptta(model, *, k_shot: int = 4, sample_size: int = 40, beta_tta: float = 1.0, beta_reg: float = 1.0,
             open_set: bool = False, beta_ood: float = 0.1, gamma: float = 0.005,
             text_to_image: Optional[bool] = None, adapt_text: bool = False, memory_only: bool = False):

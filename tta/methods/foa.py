@@ -91,7 +91,7 @@ class FOAAdapter(Adapter):
 
 @register("foa", summary="forward-only: CMA-ES over ViT input prompts plus activation shifting, no backward",
           adapts="input prompt tokens (3 x D) and a feature shift", cost=Cost(nograd=28, params="none"),
-          source_data="clean images for the feature statistics (source_images; labels unused)")
+          source_data="clean images for the feature statistics (source_images; labels unused)", requires="timm_vit")
 def foa(model, *, source_images: Optional[torch.Tensor] = None, n_prompts: int = 3, popsize: int = 27,
         sigma0: float = 1.0, cma_seed: int = 2020, fitness_weight: float = 0.4, shift_step: float = 1.0,
         history: float = 0.9, candidate_batch: int = 28, stats_batch: int = 64):

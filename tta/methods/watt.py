@@ -80,7 +80,7 @@ class WATTAdapter(CaptionAdapter):
 
 
 @register("watt", summary="CLIP pseudo-caption contrastive adaptation per template, weights averaged over templates",
-          adapts="visual LayerNorm affine", cost=Cost(grad=80, backward=80, nograd=1))
+          adapts="visual LayerNorm affine", cost=Cost(grad=80, backward=80, nograd=1), requires="clip")
 def watt(model, *, rounds: int = 5, mode: str = "sequential", templates="watt8", ref_eval: bool = False,
          temperature: float = 0.01, targets: str = "transposed"):
     """Adam lr 1e-3 (CIFAR scripts; 1e-4 for the others), episodic per batch; ``steps`` = L (2) per template,

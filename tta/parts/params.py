@@ -55,6 +55,20 @@ class AllParams:
         return "AllParams()"
 
 
+class OwnParameter:
+    """One named parameter of the model (TPT's prompt ``ctx``, TPS's ``shift``). A class, not a lambda, so an
+    adapter pickles: the runner checkpoints adapters between domains."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, model: nn.Module) -> NamedParams:
+        return [(self.name, getattr(model, self.name))]
+
+    def __repr__(self):
+        return f"OwnParameter({self.name!r})"
+
+
 class NoParams:
     """Nothing is adapted by gradient (source, norm)."""
 
