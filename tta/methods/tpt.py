@@ -5,8 +5,12 @@ image), keep the 10% of views with the lowest entropy, take one AdamW step (lr 5
 of their mean prediction, and predict on view 0 with the tuned prompt. The image tower is frozen, so
 the views are encoded once; only the text side runs with gradients.
 
-The per-image reset restores the random generator too, so an image's prediction depends on that image
-alone (not on its position in the stream); the price is that every image gets the same crop boxes.
+Views: the shared CLIP view generator (:mod:`tta.parts.clip_views`), crop-flip by default (TPT's views on
+ImageNet and its variants; ``policy: augmix`` for the fine-grained sets, METHODS-VLM V.14), the views of
+all images of a batch encoded together, ``chunk`` images per forward. The per-image reset restores the
+random generator too, so an image's prediction depends on that image alone (not on its position in the
+stream): every image's views come from the first per-image seed of the adapter's seed; the price is that
+images of one size get the same crop boxes.
 """
 from __future__ import annotations
 
@@ -17,11 +21,14 @@ from torch import nn
 from ..adapter import Adapter, Recipe
 from ..errors import ConfigError
 from ..parts.norm import SourceStats
-from ..parts.objectives import Entropy, entropy, view_marginal_entropy
+from ..parts.objectives import Entropy, view_marginal_entropy
 from ..parts.optim import OptimizerSpec
+from ..parts.params import OwnParameter
 from ..parts.postprocess import build as build_postprocess
-from ..parts.views import augmented_views, lowest
+from ..parts.clip_views import image_seeds
+from ..parts.view_select import select_confident
 from . import Cost, register
+from .view_adapter import make_views
 
 
 class PromptTuned(nn.Module):
@@ -54,24 +61,29 @@ class PromptTuned(nn.Module):
 
 class TPTAdapter(Adapter):
     def __init__(self, model, recipe: Recipe, *, views: int = 64, keep: float = 0.1,
-                 ctx_init: str = "a photo of a", sharpen=None, **kw):
+                 ctx_init: str = "a photo of a", sharpen=None, policy: str = "crop_flip", chunk: int = 8,
+                 view_options=None, **kw):
         super().__init__(PromptTuned(model, ctx_init), recipe, **kw)
-        self.views, self.keep = views, keep
+        self.view_gen = make_views(model, policy, views, view_options, chunk)
+        self.views, self.keep, self.chunk = views, keep, chunk
         self.sharpen = build_postprocess(sharpen)
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._tune_and_predict(image) for image in x])
+        self.reset()  # as before every image: each image's views come from the same seed
+        seeds = image_seeds(self.generator, 1).expand(len(x))
+        clf = self.model.classifier
+        with torch.no_grad():  # the image tower is frozen: every view of the batch encoded once
+            u = self.view_gen.features(clf, x, seeds, self.chunk)
+        return torch.cat([self._tune_and_predict(features) for features in u])
 
-    def _tune_and_predict(self, image: torch.Tensor) -> torch.Tensor:
+    def _tune_and_predict(self, u: torch.Tensor) -> torch.Tensor:
         self.reset()
         clf = self.model.classifier
-        with torch.no_grad():
-            u = clf.encode_image(augmented_views(image, self.views, clf.image_size, self.generator))
         chosen = None
         for _ in range(self.steps):
             logits = clf.logits_from_features(u, self.model.text_features())
             if chosen is None:  # views chosen once, at the first step
-                chosen = lowest(entropy(logits.detach()), self.keep)
+                chosen = select_confident(logits.detach().unsqueeze(0), self.keep)[0]
             kept = logits[chosen]
             if self.sharpen is not None:  # sharpened values, gradients of the raw logits (straight through)
                 kept = kept + (self.sharpen(kept.detach()) - kept.detach())
@@ -84,10 +96,13 @@ class TPTAdapter(Adapter):
 
 
 @register("tpt", summary="episodic prompt tuning on confident augmented views",
-          adapts="prompt context vectors", cost=Cost(grad=64, backward=1, nograd=1, params="all"))
-def tpt(model, *, views: int = 64, keep: float = 0.1, ctx_init: str = "a photo of a", sharpen=None):
+          adapts="prompt context vectors", cost=Cost(grad=64, backward=1, nograd=1, params="all"), requires="clip")
+def tpt(model, *, views: int = 64, keep: float = 0.1, ctx_init: str = "a photo of a", sharpen=None,
+        policy: str = "crop_flip", chunk: int = 8, view_options=None):
     """One AdamW step (lr 5e-3, weight decay 0.01) on 4 prompt vectors, episodic per image. ``sharpen``: a
-    post-processor (``em_inf``) applied to the kept views' logits before their average (straight-through)."""
-    return Recipe(norm=SourceStats(), params=lambda m: [("ctx", m.ctx)], objective=Entropy(),
+    post-processor (``em_inf``) applied to the kept views' logits before their average (straight-through);
+    ``policy``: ``crop_flip`` or ``augmix`` views; ``chunk``: images per encoder forward (memory only)."""
+    return Recipe(norm=SourceStats(), params=OwnParameter("ctx"), objective=Entropy(),
                   optimizer=OptimizerSpec("adamw", lr=5e-3, weight_decay=0.01), adapter_cls=TPTAdapter,
-                  options=dict(views=views, keep=keep, ctx_init=ctx_init, sharpen=sharpen))
+                  options=dict(views=views, keep=keep, ctx_init=ctx_init, sharpen=sharpen, policy=policy,
+                               chunk=chunk, view_options=view_options))
