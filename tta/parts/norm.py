@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .params import BATCH_NORMS
+from .params import BATCH_NORMS, reclass_table
 
 
 class SourceStats:
@@ -96,10 +96,7 @@ class _AlphaMixing:
         return _alpha_forward(self, x)
 
 
-# one mixed class per BN class, created at import so unpickling in a fresh process finds them by name
-_ALPHA_CLASSES = {cls: type(f"AlphaMixed{cls.__name__}", (_AlphaMixing, cls), {"__module__": __name__})
-                  for cls in BATCH_NORMS}
-globals().update({c.__name__: c for c in _ALPHA_CLASSES.values()})
+_ALPHA_CLASSES = reclass_table(_AlphaMixing, "AlphaMixed", __name__)
 
 
 def _alpha_class(cls):

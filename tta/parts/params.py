@@ -79,6 +79,16 @@ class NoParams:
         return "NoParams()"
 
 
+def reclass_table(mixin: type, prefix: str, module_name: str) -> Dict[type, type]:
+    """One ``mixin``-first subclass per BN class (``prefix + class name``), for norm modes that swap a BN
+    layer's class so its state-dict keys stay (alpha mixing, robust BN, grouped alpha). The classes are made
+    at import and put in ``module_name``'s namespace, so unpickling in a fresh process finds them by name."""
+    import sys
+    table = {cls: type(f"{prefix}{cls.__name__}", (mixin, cls), {"__module__": module_name}) for cls in BATCH_NORMS}
+    vars(sys.modules[module_name]).update({c.__name__: c for c in table.values()})
+    return table
+
+
 def freeze_all_but(model: nn.Module, named: Iterable[Tuple[str, nn.Parameter]]) -> None:
     """``requires_grad`` only on the chosen parameters, so backward stops at the first of them."""
     chosen = {id(p) for _, p in named}

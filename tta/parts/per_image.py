@@ -25,7 +25,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from ..errors import ConfigError, InputError
 from .optim import OptimizerSpec
-from .params import BATCH_NORMS
+from .params import BATCH_NORMS, reclass_table
 
 
 class GroupedAlphaStats:
@@ -63,10 +63,7 @@ class _Grouped:
         return _grouped_alpha_forward(self, x)
 
 
-# one class per BN class, created at import so unpickling in a fresh process finds them by name
-_GROUPED_CLASSES = {cls: type(f"GroupedAlpha{cls.__name__}", (_Grouped, cls), {"__module__": __name__})
-                    for cls in BATCH_NORMS}
-globals().update({c.__name__: c for c in _GROUPED_CLASSES.values()})
+_GROUPED_CLASSES = reclass_table(_Grouped, "GroupedAlpha", __name__)
 
 
 def _grouped_alpha_forward(self, x: torch.Tensor) -> torch.Tensor:

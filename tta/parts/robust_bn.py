@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .params import BATCH_NORMS
+from .params import BATCH_NORMS, reclass_table
 
 
 class RobustStats:
@@ -73,10 +73,7 @@ class _RobustMixing:
         return robust_forward(self, x)
 
 
-# one robust class per BN class, created at import so unpickling in a fresh process finds them by name
-_ROBUST_CLASSES = {cls: type(f"Robust{cls.__name__}", (_RobustMixing, cls), {"__module__": __name__})
-                   for cls in BATCH_NORMS}
-globals().update({c.__name__: c for c in _ROBUST_CLASSES.values()})
+_ROBUST_CLASSES = reclass_table(_RobustMixing, "Robust", __name__)
 
 
 def robust_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
