@@ -16,6 +16,7 @@ optimizer state, activations).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -42,7 +43,15 @@ def tiles(x, k: float):
 
 def floor_step(model, x, cost, optimizer):
     """The bare work of ``cost`` (a :class:`tta.methods.Cost`): its forwards with autograd split over its
-    backward passes, one optimizer step, then its forwards without autograd."""
+    backward passes, one optimizer step, then its forwards without autograd; for a per-image cost, that
+    work for each image on its own (its views as one batch, as the reference runs MEMO at batch size 1)."""
+    if cost.per_image:
+        views = round(cost.grad)
+        for image in x.split(1):  # its views as one batch with autograd, a backward; its own plain forward
+            floor_step(model, image.expand(views, -1, -1, -1), dataclasses.replace(
+                cost, grad=1.0 if views else 0.0, nograd=0.0, per_image=False), optimizer)
+            floor_step(model, image, dataclasses.replace(cost, grad=0.0, backward=0, per_image=False), None)
+        return
     if cost.grad:
         passes = max(cost.backward, 1)
         for _ in range(passes):

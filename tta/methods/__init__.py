@@ -34,13 +34,16 @@ class Cost:
 
     ``grad``: forwards with autograd; ``backward``: backward passes; ``nograd``: forwards without autograd
     (teachers, anchors, views; 33 for TTAug's 33 views per image); ``params``: what the backward reaches
-    (``affine`` norm parameters, ``all`` weights, ``none``). ``benchmarks/throughput.py`` times a method
-    against exactly this much bare work on the same model.
+    (``affine`` norm parameters, ``all`` weights, ``none``); ``per_image``: the work is done image by image
+    (per-image weights: each image's ``grad`` views get a forward and a backward of their own, and its
+    ``nograd`` forwards run on it alone), as the reference does at batch size 1. ``benchmarks/throughput.py``
+    times a method against exactly this much bare work on the same model.
     """
     grad: float = 0.0
     backward: int = 0
     nograd: float = 1.0
     params: str = "affine"
+    per_image: bool = False  # each image's views are their own forward + backward (MEMO's per-image episodes)
 
     def __post_init__(self):
         if self.params not in PARAM_KINDS:

@@ -56,7 +56,7 @@ class MEMOAdapter(AugMixAdapter):
 
 
 @register("memo", summary="per image: one step on all weights minimising the marginal entropy of 32 AUG-MIX views",
-          adapts="all weights (per image, episodic)", cost=Cost(grad=32, backward=1, nograd=1, params="all"))
+          adapts="all weights (per image, episodic)", cost=Cost(grad=32, backward=1, nograd=1, params="all", per_image=True))
 def memo(model, *, views: int = 32, alpha: float = 0.1, quantize: bool = True, severity: float = 1.0,
          mixture_width: int = 3, mixture_depth: Optional[int] = None, chunk: int = 8):
     """``views``: AUG-MIX views per image for the loss (32 CIFAR, 64 ImageNet); ``alpha``: N-alpha weight of the
