@@ -4,11 +4,16 @@ Images stay uint8 until a batch is taken (``to_float``), so a 15-domain CIFAR st
 not 1.8 GB. Files are looked for under ``data_root(data_dir)`` (``TTA_DATA_DIR``):
 
 * clean CIFAR-10: ``cifar10_test.npz`` / ``cifar10_train*.npz`` (``x`` uint8 NHWC, ``y``) or the
-  torchvision folder ``cifar-10-batches-py``;
+  torchvision folder ``cifar-10-batches-py``; clean CIFAR-100: ``cifar100_test.npz`` or ``cifar-100-python``;
 * CIFAR-10-C / CIFAR-100-C in RobustBench layout: ``<root>/CIFAR-10-C/<corruption>.npy`` (50,000
-  images, severity-major) and ``labels.npy``;
+  images, severity-major, or 10,000 images of one severity) and ``labels.npy``, checked by
+  :mod:`tta.data.cifar_c`;
 * ImageNet-C folders: ``<root>/ImageNet-C/<corruption>/<severity>/<wnid>/<file>.JPEG``, optionally
-  restricted to RobustBench's 5,000-image list.
+  restricted to RobustBench's 5,000-image list (listing only: the images are read by streams chunk by
+  chunk, :mod:`tta.data.lazy`).
+
+Other image-folder data sets (ImageNet-A/R/V2/Sketch/D109, DomainNet-126, the CoOp sets) are listed by
+:mod:`tta.data.folders`.
 
 When a file is missing and ``download=True``, robustbench's own downloader is tried (needs a network);
 otherwise, and when that fails, one :class:`~tta.errors.MissingFileError` names the files and the folder.
@@ -83,37 +88,56 @@ def load_cifar10(data_dir=None, split: str = "test") -> Tuple[torch.Tensor, torc
                            "(set TTA_DATA_DIR or data_dir to choose the folder)")
 
 
+def load_cifar100(data_dir=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Clean CIFAR-100 test set (uint8 NCHW, fine labels): ``cifar100_test.npz`` (``x`` uint8 N,32,32,3 and
+    ``y``) or the torchvision folder ``cifar-100-python/test``. Needed only to generate CIFAR-100-C."""
+    root = data_root(data_dir)
+    if (root / "cifar100_test.npz").exists():
+        x, y = load_npz(root / "cifar100_test.npz")
+        if x.shape[1:] != (3, 32, 32) or len(y) != len(x) or (len(y) and (int(y.min()) < 0 or int(y.max()) > 99)):
+            raise ConfigError(f"{root / 'cifar100_test.npz'} holds x {tuple(x.shape)} and y {tuple(y.shape)} with "
+                              f"labels in [{int(y.min())}, {int(y.max())}]; expected 32x32 RGB images and as many "
+                              "labels in [0, 99]")
+        return x, y
+    path = root / "cifar-100-python" / "test"
+    if path.exists():
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        return (torch.from_numpy(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)),
+                torch.from_numpy(np.asarray(d[b"fine_labels"], dtype=np.int64)))
+    raise MissingFileError(f"clean CIFAR-100 (test) not found: place cifar100_test.npz (x uint8 N,32,32,3 and y) "
+                           f"or the torchvision folder cifar-100-python in {root} "
+                           "(set TTA_DATA_DIR or data_dir to choose the folder)")
+
+
+def load_clean(dataset: str, data_dir=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The clean test set a CIFAR corruption data set is generated from."""
+    if dataset == "cifar10":
+        return load_cifar10(data_dir, "test")
+    if dataset == "cifar100":
+        return load_cifar100(data_dir)
+    raise ConfigError(f"no clean test set of {dataset!r} in memory (cifar10 and cifar100 only)")
+
+
 def load_cifar_c(corruption: str, severity: int, dataset: str = "cifar10", data_dir=None,
-                 n_examples: Optional[int] = None, download: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One (corruption, severity) slice of CIFAR-10-C / CIFAR-100-C in RobustBench layout."""
+                 n_examples: Optional[int] = None, download: bool = False,
+                 claims: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One (corruption, severity) slice of CIFAR-10-C / CIFAR-100-C in RobustBench layout, checked
+    (row counts, dtype, shape, label file; single-severity files: see :mod:`tta.data.cifar_c`)."""
+    from . import cifar_c
     if dataset not in C_FOLDERS:
         raise ConfigError(f"dataset must be one of {sorted(C_FOLDERS)}, got {dataset!r}")
-    if severity not in (1, 2, 3, 4, 5):
-        raise ConfigError(f"severity must be 1..5, got {severity!r}")
-    root = data_root(data_dir)
-    folder = root / C_FOLDERS[dataset]
-    files = [folder / f"{corruption}.npy", folder / "labels.npy"]
-    if not all(f.exists() for f in files) and download:
-        _robustbench_download(dataset, corruption, root)
-    if not all(f.exists() for f in files):
-        missing = ", ".join(f.name for f in files if not f.exists())
-        raise MissingFileError(
-            f"{C_FOLDERS[dataset]} file(s) {missing} not found in {folder}: place the released files there "
-            f"(Zenodo; set TTA_DATA_DIR or data_dir to choose the folder), or generate them with "
-            f"`tta make-c --source cifar10_test.npz --out {folder}`, or use data.source=generate")
-    n = 10000
-    lo = (severity - 1) * n
-    x = np.load(files[0], mmap_mode="r")[lo:lo + n]
-    y = np.load(files[1])[lo:lo + n]
-    if n_examples is not None:
-        x, y = x[:n_examples], y[:n_examples]
-    return _nhwc_to_tensor(np.asarray(x)), torch.from_numpy(y.astype(np.int64))
+    folder = data_root(data_dir) / C_FOLDERS[dataset]
+    present = cifar_c.image_file(folder, corruption, severity) is not None and (folder / "labels.npy").is_file()
+    if not present and download:
+        _robustbench_download(dataset, corruption, data_root(data_dir))
+    return cifar_c.read(corruption, severity, dataset, data_dir, n_examples, claims)
 
 
 def _robustbench_download(dataset: str, corruption: str, root: Path) -> None:
     """Let robustbench fetch the released files (only where a network exists)."""
     try:
-        from ..models.robustbench import import_robustbench
+        from .._compat import import_robustbench
         import_robustbench()
         from robustbench.data import load_cifar10c, load_cifar100c
         loader = load_cifar10c if dataset == "cifar10" else load_cifar100c
@@ -135,8 +159,18 @@ def imagenet_files(split: str = "val", data_dir=None) -> Tuple[List[Path], torch
     if not paths:
         raise MissingFileError(f"clean ImageNet {split} images not found: place them as {root}/<wnid>/*.JPEG "
                                "(set TTA_DATA_DIR or data_dir to choose the folder)")
-    index = {w: i for i, w in enumerate(sorted({p.parent.name for p in paths}))}
+    index = wnid_index(sorted({p.parent.name for p in paths}))
     return paths, torch.tensor([index[p.parent.name] for p in paths], dtype=torch.int64)
+
+
+def wnid_index(folders: List[str]) -> dict:
+    """Label of each class folder: its ImageNet-1k index when every folder is an ImageNet WordNet id (so a
+    folder holding only some classes keeps the model's class numbers), else its rank in sorted order."""
+    from .classes import IMAGENET_WNIDS
+    known = {w: i for i, w in enumerate(IMAGENET_WNIDS)}
+    if folders and all(f in known for f in folders):
+        return {f: known[f] for f in folders}
+    return {f: i for i, f in enumerate(sorted(folders))}
 
 
 def imagenet_c_files(corruption: str, severity: int, data_dir=None, subset_5000: bool = True,
@@ -150,10 +184,9 @@ def imagenet_c_files(corruption: str, severity: int, data_dir=None, subset_5000:
         raise MissingFileError(f"ImageNet-C folder {root} not found: place the released ImageNet-C "
                                "(<corruption>/<severity>/<wnid>/*.JPEG) under <data_dir>/ImageNet-C "
                                "(set TTA_DATA_DIR or data_dir to choose the folder)")
-    wnids = sorted(p.name for p in root.iterdir() if p.is_dir())
-    index = {w: i for i, w in enumerate(wnids)}
+    index = wnid_index(sorted(p.name for p in root.iterdir() if p.is_dir()))
     if subset_5000:
-        from ..models.robustbench import imagenet_5000_ids
+        from .._compat import imagenet_5000_ids
         rel = [line.split()[0] for line in imagenet_5000_ids() if line.strip()]
         paths = [root / r for r in rel]
     else:
@@ -167,23 +200,12 @@ def imagenet_c_files(corruption: str, severity: int, data_dir=None, subset_5000:
     return paths, labels
 
 
-def load_images(paths: List[Path], size: int = 224, resize: Optional[int] = None) -> torch.Tensor:
-    """Decode image files into uint8 NCHW: optionally resize the shorter side to ``resize`` (PIL bilinear,
-    as torchvision's Resize), then centre crop to ``size`` (ImageNet-C files are already 224 px)."""
-    from PIL import Image
-    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    for i, p in enumerate(paths):
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if resize is not None:
-                w, h = im.size
-                scale = resize / min(w, h)
-                im = im.resize((resize if w <= h else int(w * scale), resize if h <= w else int(h * scale)),
-                               Image.BILINEAR)
-            a = np.asarray(im)
-        h, w = a.shape[:2]
-        if h < size or w < size:
-            raise ConfigError(f"{p} is {w}x{h}, smaller than {size}px")
-        top, left = (h - size) // 2, (w - size) // 2
-        out[i] = torch.from_numpy(a[top:top + size, left:left + size].transpose(2, 0, 1).copy())
-    return out
+def load_images(paths: List[Path], size: int = 224, resize: Optional[int] = None,
+                decoder: str = "pil") -> torch.Tensor:
+    """Decode image files into uint8 NCHW: optionally resize the shorter side to ``resize`` (bilinear, as
+    torchvision's Resize on PIL images), then take the central crop of ``size`` with torchvision's offsets
+    (ImageNet-C files are already 224 px). ``decoder``: ``pil`` (the reference's) or ``torchvision``
+    (faster; see :mod:`tta.data.decode` for the measured difference). Whole sets only: streams read files
+    chunk by chunk instead (:mod:`tta.data.lazy`)."""
+    from .decode import load_files
+    return load_files(paths, size, resize, decoder)

@@ -9,6 +9,14 @@ an interrupted run never leaves a truncated ``.npy`` behind. A rerun skips every
 are right and whose ``make_c.json`` entry matches the requested seed and severities, so an interrupted
 generation resumes where it stopped. Images come from ``corrupt_dataset``, the same function on-the-fly
 streams use, so the files equal what a stream would produce for the same seed.
+
+``--source`` may also be an ImageNet validation folder (``<wnid>/<image>``): then :func:`make_imagenet_c`
+writes ImageNet-C's folder layout, ``<out>/<corruption>/<severity>/<wnid>/<original file name>``, each
+image resized to 256 and centre-cropped to 224, corrupted with the 224-px constants (seeded per 100
+images in sorted order, the same draws as ``data.source: generate`` over all 50,000 images) and saved as
+JPEG quality 85 like the released files. Each file is written atomically; ``<out>/<corruption>/<severity>/
+make_c.json`` records the settings when the folder is started, so a rerun with the same settings resumes
+(every 100-image group with all its files present is skipped) and one with other settings is refused.
 """
 from __future__ import annotations
 
@@ -140,10 +148,15 @@ def parse_severities(tokens: Sequence[str]) -> list:
 
 
 def run_cli(args) -> int:
-    """Handler of ``tta make-c``."""
-    status = make_c(args.source, args.out, corruptions=args.corruptions,
-                    severities=parse_severities(args.severities), seed=args.seed,
-                    progress=not args.quiet, device=args.device)
+    """Handler of ``tta make-c``: an .npz source gives the CIFAR-10-C file layout, a folder ImageNet-C's."""
+    if Path(args.source).is_dir():
+        status = make_imagenet_c(args.source, args.out, corruptions=args.corruptions,
+                                 severities=parse_severities(args.severities), seed=args.seed,
+                                 progress=not args.quiet, device=args.device, workers=args.workers)
+    else:
+        status = make_c(args.source, args.out, corruptions=args.corruptions,
+                        severities=parse_severities(args.severities), seed=args.seed,
+                        progress=not args.quiet, device=args.device)
     for name, what in status.items():
         print(f"{name}: {what}")
     return 0
@@ -153,12 +166,98 @@ def register_cli(subparsers) -> None:
     """Add the ``make-c`` subcommand; its handler is stored as ``func`` in the parsed namespace."""
     p = subparsers.add_parser("make-c", help="write a corrupted copy of an image set (CIFAR-10-C layout)",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, help=".npz with x (N, H, W, 3) uint8 and y (N,)")
+    p.add_argument("--source", required=True, help=".npz with x (N, H, W, 3) uint8 and y (N,), or an ImageNet "
+                   "validation folder <wnid>/<image> (writes ImageNet-C's <corruption>/<severity>/<wnid>/ layout)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--corruptions", nargs="+", default=None, metavar="NAME",
                    help="corruption names (default: the 15 standard ones)")
     p.add_argument("--severities", nargs="+", default=["1-5"], help="e.g. 1-5 (default) or 1 3 5")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=None, help="decode processes for an image folder source "
+                   "(default: half the CPUs, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_cli)
+
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def imagenet_tree(folder) -> list:
+    """Images of an ImageNet-style tree ``<class>/<image>``, sorted by class folder then file name."""
+    folder = Path(folder)
+    paths = sorted(p for p in folder.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ConfigError(f"no images found as {folder}/<class>/<image>.JPEG")
+    return paths
+
+
+def _save_jpeg(path: Path, image) -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda f: Image.fromarray(image).save(f, format="JPEG", quality=85, optimize=True))
+
+
+def make_imagenet_c(source, out, corruptions: Optional[Iterable[str]] = None,
+                    severities: Sequence[int] = (1, 2, 3, 4, 5), seed: int = 0, progress: bool = True,
+                    device: str = "cpu", workers: Optional[int] = None, decoder: str = "torchvision") -> dict:
+    """ImageNet-C folders from an ImageNet validation tree (see the module docstring).
+
+    Returns ``{"<corruption>/<severity>": "written" | "skipped" | "resumed"}``.
+    """
+    from .corruptions import RNG_CHUNK
+    from .lazy import CorruptedSource, FileSource, LazyImages
+    from .loader import iter_chunks, resolve_workers
+    names = list(CORRUPTIONS if corruptions is None else corruptions)
+    for name in names:
+        check_name(name)
+    severities = [check_severity(s) for s in severities]
+    paths = imagenet_tree(source)
+    rel = [f"{p.parent.name}/{p.name}" for p in paths]
+    out, n = Path(out), len(paths)
+    wanted = {"seed": int(seed), "n_source": n, "rng_chunk": RNG_CHUNK, "first": rel[0], "last": rel[-1]}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(names) * len(severities) * n, unit="img", desc="make-c imagenet")
+    status, workers = {}, resolve_workers(workers)
+    for name in names:
+        for severity in severities:
+            folder = out / name / str(severity)
+            folder.mkdir(parents=True, exist_ok=True)
+            record = _read_sidecar(folder)
+            if record and record != wanted:
+                raise ConfigError(f"{folder} was started with other settings ({record}); remove it to regenerate "
+                                  f"with {wanted}")
+            if not record:
+                text = json.dumps(wanted, indent=1, sort_keys=True).encode()
+                _atomic_write(folder / SIDECAR, lambda f: f.write(text))
+            groups = [g for g in range(-(-n // RNG_CHUNK))
+                      if not all((folder / r).is_file() for r in rel[g * RNG_CHUNK:(g + 1) * RNG_CHUNK])]
+            key = f"{name}/{severity}"
+            status[key] = "skipped" if not groups else "written" if len(groups) == -(-n // RNG_CHUNK) else "resumed"
+            images = LazyImages.of(CorruptedSource(FileSource(paths, "resize256", decoder), name, severity, seed),
+                                   workers)
+            for lo, hi in _runs(groups, RNG_CHUNK, n):
+                for c_lo, c_hi, x in iter_chunks(images[lo:hi], device):
+                    for k, img in enumerate(x.permute(0, 2, 3, 1).cpu().numpy()):
+                        _save_jpeg(folder / rel[lo + c_lo + k], img)
+                    if bar is not None:
+                        bar.update(c_hi - c_lo)
+            if bar is not None:
+                bar.update(n - sum(min(n, (g + 1) * RNG_CHUNK) - g * RNG_CHUNK for g in groups))
+    if bar is not None:
+        bar.close()
+    return status
+
+
+def _runs(groups, size: int, n: int):
+    """Contiguous position ranges covering the given group numbers."""
+    runs = []
+    for g in groups:
+        lo, hi = g * size, min(n, (g + 1) * size)
+        if runs and runs[-1][1] == lo:
+            runs[-1][1] = hi
+        else:
+            runs.append([lo, hi])
+    return [tuple(r) for r in runs]

@@ -9,8 +9,10 @@ per domain. Streams know nothing about methods.
 Protocols: ``continual`` / ``reset_each_shift`` / ``lifelong`` (rounds) / ``gradual`` (CoTTA's
 severity schedule) take ``order: 0..9`` for one of CoTTA's ten corruption orders; ``mixed_domains``
 pools and shuffles every domain; ``correlated`` orders each domain by label (sorted, or Dirichlet
-time slots). Every protocol also takes ``window`` (see :meth:`Stream.batches`). Whatever is random
-takes a ``seed`` and is the same for the same seed.
+time slots); ``ccc`` plays Continually Changing Corruptions (``tta.data.ccc_stream``). Every protocol also
+takes ``window`` (see :meth:`Stream.batches`). Whatever is random takes a ``seed`` and is the same for the
+same seed. Segments may hold lazily read images (:class:`~tta.data.lazy.LazyImages`): protocols reorder
+them like tensors, and :meth:`Stream.batches` reads them chunk by chunk.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import torch
 from ..errors import ConfigError
 from .datasets import to_float
 from .domains import DomainSet
+from .lazy import LazyImages, as_lazy
+from .loader import Cursor, iter_chunks
 
 _PROTOCOLS: Dict[str, Callable] = {}
 # options every protocol accepts; build() applies them to the Stream
@@ -98,21 +102,27 @@ class Stream:
         segment, so a run checkpointed between segments resumes to the same numbers.
 
         ``device``: the segment's uint8 images are moved there once, so batches are cut and converted to
-        float on the model's device (no per-batch host-to-device copy of float images)."""
+        float on the model's device (no per-batch host-to-device copy of float images). A segment of
+        :class:`~tta.data.lazy.LazyImages` (file-backed and generated ImageNet domains) is instead read chunk
+        by chunk by a background loader (``tta.data.loader``): the same batches, with bounded memory."""
         x, y, d = seg.load()
-        if device is not None:
-            x = x.to(device)
-        b = self.batch_size
+        if isinstance(x, LazyImages):
+            take = Cursor(iter_chunks(x, device)).take
+        else:
+            if device is not None:
+                x = x.to(device)
+            take = lambda lo, hi: x[lo:hi]  # noqa: E731
+        n, b = len(y), self.batch_size
         if self.window is None:
-            for i in range(0, len(x), b):
-                yield StreamBatch(to_float(x[i:i + b]), y[i:i + b], d[i:i + b], seg.reset and i == 0, seg.round)
+            for i in range(0, n, b):
+                yield StreamBatch(to_float(take(i, i + b)), y[i:i + b], d[i:i + b], seg.reset and i == 0, seg.round)
             return
         w = self.window
-        first = min(w, len(x))
-        yield StreamBatch(to_float(x[:first]), y[:first], d[:first], seg.reset, seg.round)
-        for i in range(first, len(x), b):
-            j = min(i + b, len(x))
-            yield StreamBatch(to_float(x[j - w:j]), y[i:j], d[i:j], False, seg.round, context=i - (j - w))
+        first = min(w, n)
+        yield StreamBatch(to_float(take(0, first)), y[:first], d[:first], seg.reset, seg.round)
+        for i in range(first, n, b):
+            j = min(i + b, n)
+            yield StreamBatch(to_float(take(j - w, j)), y[i:j], d[i:j], False, seg.round, context=i - (j - w))
 
     @property
     def rounds(self) -> int:
@@ -209,14 +219,19 @@ def mixed_domains(domains: DomainSet, *, batch_size: int = 200, seed: int = 0) -
         sizes = [len(p[1]) for p in parts]
         n = sum(sizes)
         position = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # sample g goes to position[g]
-        x = torch.empty((n, *parts[0][0].shape[1:]), dtype=parts[0][0].dtype)
+        lazy = any(isinstance(p[0], LazyImages) for p in parts)
+        x = None if lazy else torch.empty((n, *parts[0][0].shape[1:]), dtype=parts[0][0].dtype)
         y = torch.empty(n, dtype=torch.long)
         dom = torch.empty(n, dtype=torch.long)
         start = 0
         for i, ((xi, yi), size) in enumerate(zip(parts, sizes)):
             pos = position[start:start + size]
-            x[pos], y[pos], dom[pos] = xi, yi, i
+            y[pos], dom[pos] = yi, i
+            if not lazy:
+                x[pos] = xi
             start += size
+        if lazy:  # the same placement, as an index: position p holds sample argsort(position)[p]
+            x = LazyImages.cat([as_lazy(xi) for xi, _ in parts])[torch.argsort(position)]
         return x, y, dom
     return Stream([Segment(load, True, 0, "mixed")], [d.name for d in ds], batch_size)
 
@@ -291,3 +306,8 @@ def build(name: str, domains: DomainSet, **options) -> Stream:
     window = options.pop("window", None)
     stream = get(name)(domains, **options)
     return Stream(stream.segments, stream.domain_names, stream.batch_size, window)
+
+
+from .ccc_stream import ccc_protocol  # noqa: E402  (registers "ccc"; it builds on Segment and Stream above)
+
+protocol("ccc")(ccc_protocol)
