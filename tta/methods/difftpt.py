@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..adapter import Recipe
 from ..errors import ConfigError
-from ..models.clip import resize_center_crop
+from ..imageops import resize_center_crop
 from ..parts.diffusion_views import build_generator, generate
 from ..parts.norm import SourceStats
 from ..parts.objectives import Entropy

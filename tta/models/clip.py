@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, MissingFileError
+from ..imageops import CLIP_MEAN, CLIP_STD, resize_center_crop  # noqa: F401 (re-exported)
 from ..paths import data_root
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _DATA = Path(__file__).parent
 
 
@@ -51,12 +50,17 @@ def _named_or_list(value, table: str, what: str, valid, rule: str) -> List[str]:
 
 
 def class_names(classes: Union[str, Sequence[str]]) -> List[str]:
-    """A list of class names, or a named set: ``cifar10``, ``cifar100``, ``imagenet``."""
+    """A list of class names, or a named set: ``cifar10``, ``cifar100``, ``imagenet`` (also for ImageNet-V2 and
+    -Sketch), ``imagenet_a`` / ``imagenet_r`` (their 200 classes in label order), and the CoOp sets ``caltech101``,
+    ``dtd``, ``eurosat``, ``fgvc_aircraft``, ``food101``, ``flowers102``, ``oxford_pets``, ``stanford_cars``,
+    ``sun397``, ``ucf101`` (names by label as in the split files, underscores as spaces; Food101, SUN397 and
+    Aircraft from TPT's lists). A data set's config names its list: ``model.options.classes: imagenet_r``."""
     return _named_or_list(classes, "clip_classes.json", "classes", lambda v: True, "")
 
 
 def prompt_templates(templates: Union[str, Sequence[str]]) -> List[str]:
-    """``single`` ("a photo of a {}."), ``ensemble`` (the 80 ImageNet templates), or a list with ``{}``."""
+    """``single`` ("a photo of a {}."), ``ensemble`` / ``clip80`` (the 80 ImageNet templates), ``tip7`` (Tip-Adapter's
+    7), ``coop1_<data set>`` (CoOp's one template per data set, e.g. ``coop1_dtd``), or a list with ``{}``."""
     return _named_or_list(templates, "clip_templates.json", "templates", lambda v: "{}" in v,
                           " each containing '{}'")
 
@@ -70,20 +74,6 @@ def tiny_config(image_size: int = 32, patch_size: int = 8, width: int = 64, laye
                            "patch_size": patch_size, "head_width": 32},
             "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": text_width,
                          "heads": max(1, text_width // 32), "layers": text_layers}}
-
-
-def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the shorter side to ``size`` (bicubic, antialiased, clamped like PIL's uint8 output), then
-    take the central ``size x size`` crop (torchvision's rounding). Identity on square ``size`` images."""
-    h, w = x.shape[-2:]
-    if (h, w) == (size, size):
-        return x
-    if min(h, w) != size:
-        scale = size / min(h, w)
-        shape = (size, int(w * scale)) if h <= w else (int(h * scale), size)
-        x = F.interpolate(x, size=shape, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
-    top, left = int(round((x.shape[-2] - size) / 2)), int(round((x.shape[-1] - size) / 2))
-    return x[..., top:top + size, left:left + size]
 
 
 class TextEncoder(nn.Module):

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import ConfigError, InputError
-from ..models.clip import resize_center_crop
+from ..imageops import resize_center_crop
 from .augmix import AugMixDraws, draw as augmix_draw, run_chains
 from .views import crop_boxes
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, MissingFileError
-from ..models.clip import CLIP_MEAN, CLIP_STD
+from ..imageops import CLIP_MEAN, CLIP_STD
 from ..paths import data_root
 
 SD_VARIATIONS = "lambdalabs/sd-image-variations-diffusers"

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..models.clip import resize_center_crop
+from ..imageops import resize_center_crop
 
 
 def crop_boxes(n: int, height: int, width: int, generator: torch.Generator, scale=(0.08, 1.0),
