@@ -21,12 +21,16 @@ SCHEMA: Dict[str, Any] = {
     "name": str,
     "seed": int,
     "device": str,
-    "threads": (int, type(None)),
+    "threads": (int, str, type(None)),  # an int, auto (the idle cores: tta.fast.auto_threads) or null (torch's default)
+    # the fast options (tta.fast); YAML reads a bare on/off as a boolean, so compile also takes true/false
+    "precision": str,  # fp32 | bf16
+    "memory_format": str,  # contiguous | channels_last
+    "compile": (str, bool),  # off | on | auto
     "progress": bool,
     "setting": str,
     "model": {"name": str, "checkpoint": (str, type(None)), "options": dict},
     "data": {
-        "dataset": str,  # cifar10 | cifar100 | imagenet
+        "dataset": str,  # cifar10 | cifar100 | imagenet (corruptions) | a folder data set (tta.data.folders)
         "data_dir": (str, type(None)),
         "source": str,  # files | generate | auto
         "corruptions": list,
@@ -34,6 +38,14 @@ SCHEMA: Dict[str, Any] = {
         "n_examples": (int, type(None)),
         "seed": int,
         "imagenet_subset": str,  # robustbench_5000 (CoTTA protocol, list order) | all (EATA/SAR/DeYO: 50,000)
+        # reading files (tta.data.loader / decode / folders); none of these changes which images are shown
+        "workers": (int, type(None)),  # background decode processes; null: half the CPUs, at most 8
+        "decoder": str,  # torchvision | pil
+        "preprocess": (str, type(None)),  # resize256 | square256 | clip224 | none; null: the data set's default
+        "jpeg_roundtrip": bool,  # generated ImageNet-C / CCC: the released files' JPEG-85 save
+        "shuffle": (bool, type(None)),  # seeded random order; null: folder data sets yes, corruption sets no
+        "domains": list,  # domains of domainnet126 / imagenet_d109 (empty: all)
+        "sh_filter": bool,  # reproduce the TDA family's lister that drops names containing "sh"
     },
     "stream": dict,  # protocol options, validated against the protocol's signature
     "method": dict,  # name + options, validated against the method's signature
@@ -46,9 +58,12 @@ SCHEMA: Dict[str, Any] = {
 
 DEFAULTS: Dict[str, Any] = {
     "name": "run", "seed": 1, "device": "auto", "threads": None, "progress": True, "setting": "continual",
+    "precision": "fp32", "memory_format": "contiguous", "compile": "off",
     "model": {"name": "cifar_resnet20", "checkpoint": None, "options": {}},
     "data": {"dataset": "cifar10", "data_dir": None, "source": "auto", "corruptions": [], "severities": [5],
-             "n_examples": None, "seed": 0, "imagenet_subset": "robustbench_5000"},
+             "n_examples": None, "seed": 0, "imagenet_subset": "robustbench_5000", "workers": None,
+             "decoder": "torchvision", "preprocess": None, "jpeg_roundtrip": False, "shuffle": None, "domains": [],
+             "sh_filter": False},
     "stream": {"batch_size": 200},
     "method": {"name": "source"},
     "output": {"dir": "results", "save": True, "run_name": None, "loggers": [], "logger_options": {},
@@ -187,16 +202,39 @@ def validate(cfg: Dict[str, Any]) -> None:
         raise ConfigError(f"data.source must be files, generate or auto, got {cfg['data']['source']!r}")
     if cfg["data"]["imagenet_subset"] not in ("robustbench_5000", "all"):
         raise ConfigError(f"data.imagenet_subset must be robustbench_5000 or all, got {cfg['data']['imagenet_subset']!r}")
-    if cfg["data"]["dataset"] not in DATASETS:
-        raise ConfigError(f"data.dataset must be one of {', '.join(DATASETS)}, got {cfg['data']['dataset']!r}")
+    _check_data(cfg["data"])
     for s in cfg["data"]["severities"]:
         if s not in (1, 2, 3, 4, 5):
             raise ConfigError(f"data.severities must hold integers 1..5, got {s!r}")
     _check_corruptions(cfg["data"]["corruptions"])
     _check_output(cfg["output"])
+    from . import fast
+    fast.check_threads(cfg["threads"])
+    cfg["compile"] = fast.check_options(cfg["precision"], cfg["memory_format"], cfg["compile"])[2]  # True: "on"
 
 
-DATASETS = ("cifar10", "cifar100", "imagenet")
+DATASETS = ("cifar10", "cifar100", "imagenet")  # corruption data sets; folder data sets: tta.data.folders
+
+
+def _check_data(data: Dict[str, Any]) -> None:
+    """Data set name, reader options and the keys that only apply to one kind of data set."""
+    from .data.folders import available
+    from .data.decode import check_decoder, check_preprocess
+    from .data.loader import resolve_workers
+    folders = available()
+    if data["dataset"] not in DATASETS + tuple(folders):
+        raise ConfigError(f"data.dataset must be one of {', '.join(DATASETS + tuple(folders))}, "
+                          f"got {data['dataset']!r}")
+    if data["dataset"] in folders and data["corruptions"]:
+        raise ConfigError(f"data.dataset {data['dataset']} has domains, not corruptions: set data.corruptions=[] "
+                          "(data.domains chooses DomainNet/ImageNet-D domains)")
+    if data["dataset"] in folders and data["source"] == "generate":
+        raise ConfigError(f"data.source=generate makes corruptions of cifar10, cifar100 or imagenet, not of "
+                          f"{data['dataset']}")
+    check_decoder(data["decoder"])
+    if data["preprocess"] is not None:
+        check_preprocess(data["preprocess"])
+    resolve_workers(data["workers"])
 # method options the runner turns into objects before calling tta.wrap (data specs)
 RUNNER_METHOD_KEYS = ("fisher", "source")
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Union
 
@@ -19,10 +21,13 @@ import numpy as np
 import torch
 
 from .. import config as config_mod
+from .. import fast
 from ..data import streams
 from ..data.datasets import imagenet_files, load_cifar10, load_images, to_float
 from ..data.domains import DomainSet
 from ..errors import ConfigError
+from .loggers import open_trackers
+from .lock import FolderLock
 from .memory import PeakMemory
 from .metrics import ErrorAccumulator, mean
 from .report import write_outputs
@@ -44,18 +49,22 @@ def resolve_device(name: str) -> torch.device:
 
 def build_adapter(cfg: Dict[str, Any], device: torch.device, data_dir=None):
     """The model of ``cfg.model`` wrapped in the adapter of ``cfg.method`` (seeded before building)."""
-    import tta
+    from .. import methods, models  # imported here: a results table need not pull in timm / open_clip
     seed_everything(cfg["seed"])
     m = cfg["model"]
-    model = tta.models.load(m["name"], m["checkpoint"], data_dir=data_dir, **m["options"]).to(device)
+    model = restrict_to_dataset(cfg, models.load(m["name"], m["checkpoint"], data_dir=data_dir,
+                                                     **m["options"])).to(device)
     options = {k: v for k, v in cfg["method"].items() if k != "name"}
     options.setdefault("seed", cfg["seed"])
+    options.update({k: cfg.get(k, v) for k, v in fast.DEFAULTS.items()})  # precision, memory_format, compile
     if "fisher" in options:
         options["fisher_data"] = fisher_images(options.pop("fisher"), data_dir, cfg["seed"]).to(device)
     if "source" in options:
-        options["source_images"], options["source_labels"] = source_set(options.pop("source"), data_dir,
-                                                                        cfg["seed"], "method.source")
-    return tta.wrap(model, cfg["method"]["name"], **options)
+        images, labels = source_set(options.pop("source"), data_dir, cfg["seed"], "method.source")
+        options["source_images"] = images
+        if "source_labels" in methods.method_options(cfg["method"]["name"]):  # FOA, PeTTA use no labels
+            options["source_labels"] = labels
+    return methods.build(model, cfg["method"]["name"], **options)
 
 
 SOURCE_DATASETS = ("cifar10_train", "imagenet_train", "imagenet_val")
@@ -95,14 +104,38 @@ def fisher_images(spec: Dict[str, Any], data_dir, seed: int) -> torch.Tensor:
 
 
 def build_stream(cfg: Dict[str, Any]) -> streams.Stream:
+    """The stream of ``cfg.setting`` over ``cfg.data``; file-backed domains are read chunk by chunk by
+    ``data.workers`` background processes while the adapter runs (tta.data.loader)."""
     d = cfg["data"]
     domains = DomainSet(d["dataset"], d["source"], d["data_dir"], d["n_examples"], d["seed"],
-                        d["corruptions"], d["severities"], d["imagenet_subset"] == "robustbench_5000")
+                        d["corruptions"], d["severities"], d["imagenet_subset"] == "robustbench_5000",
+                        workers=d["workers"], decoder=d["decoder"], jpeg_roundtrip=d["jpeg_roundtrip"],
+                        preprocess=d["preprocess"], shuffle=d["shuffle"], domains=d["domains"] or None,
+                        sh_filter=d["sh_filter"])
     return streams.build(cfg["setting"], domains, **cfg["stream"])
 
 
+def restrict_to_dataset(cfg: Dict[str, Any], model):
+    """ImageNet-A/R/D109 are scored on their classes only: a 1,000-class model keeps those outputs
+    (tta.data.classes.restrict_outputs). A CLIP model built for the data set's own class list
+    (``model.options.classes``) already has them."""
+    from ..data.classes import logit_indices, restrict_outputs
+    if cfg["data"]["dataset"] not in ("imagenet_a", "imagenet_r", "imagenet_d109"):
+        return model
+    if cfg["model"]["name"].startswith("openclip:") and cfg["model"]["options"].get("classes") != "imagenet":
+        return model
+    return restrict_outputs(model, logit_indices(cfg["data"]["dataset"]))
+
+
+# output settings that do not change the numbers: a cell computed without a tracker is not recomputed with one
+RUNTIME_OUTPUT_KEYS = ("loggers", "logger_options", "lock_wait")
+
+
 def config_hash(cfg: Dict[str, Any]) -> str:
-    return hashlib.sha256(config_mod.dump(cfg).encode()).hexdigest()[:16]
+    output = {k: v for k, v in cfg["output"].items() if k not in RUNTIME_OUTPUT_KEYS}
+    # fast options at their defaults are left out, so cells computed before they existed stay valid
+    cfg = {k: v for k, v in cfg.items() if fast.DEFAULTS.get(k, object()) != v}
+    return hashlib.sha256(config_mod.dump({**cfg, "output": output}).encode()).hexdigest()[:16]
 
 
 def run_dir(cfg: Dict[str, Any]) -> Path:
@@ -111,12 +144,21 @@ def run_dir(cfg: Dict[str, Any]) -> Path:
 
 def run_config(cfg: Union[str, Path, Dict[str, Any]], overrides: Iterable[str] = (),
                out_dir: Optional[Path] = None) -> Dict[str, Any]:
-    """Run one benchmark config end to end; returns the results dict that is also written to disk."""
+    """Run one benchmark config end to end; returns the results dict that is also written to disk.
+    While it writes ``out`` it holds the folder's lock (``output.lock_wait`` seconds of waiting, none by default),
+    so a second run aimed at the same folder stops with one message instead of corrupting the checkpoint."""
     cfg = config_mod.from_dict(cfg, overrides) if isinstance(cfg, dict) else config_mod.load(cfg, overrides)
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
+    out = Path(out_dir or run_dir(cfg))
+    lock = FolderLock(out, wait=cfg["output"]["lock_wait"] or 0) if cfg["output"]["save"] else nullcontext()
+    with lock, open_trackers(cfg, out) as trackers:
+        return _run_locked(cfg, out, trackers)
+
+
+def _run_locked(cfg: Dict[str, Any], out: Path, trackers) -> Dict[str, Any]:
+    note = fast.apply_threads(cfg["threads"])  # an int, auto (the idle cores) or None (torch's default)
+    if note:
+        print(note, file=sys.stderr)
     device = resolve_device(cfg["device"])
-    out = out_dir or run_dir(cfg)
     save = cfg["output"]["save"]
     stream = build_stream(cfg)
     state = _load_state(out, cfg, device) if save else None
@@ -125,18 +167,24 @@ def run_config(cfg: Union[str, Path, Dict[str, Any]], overrides: Iterable[str] =
         acc, start, elapsed = ErrorAccumulator(), 0, 0.0
     else:
         adapter, acc, start, elapsed = state["adapter"], state["acc"], state["segment"], state["elapsed"]
+    adapter.fast.expect(fast.stream_images(cfg))  # compile: auto weighs the stream's length
+    trackers.begin(acc, elapsed)
     bar = _progress(cfg)
     with PeakMemory(device) as memory:
         for k, seg in enumerate(stream.segments[start:], start):
             elapsed = _run_segment(adapter, stream, seg, acc, device, bar, cfg["method"]["name"], elapsed)
+            trackers.segment(acc, elapsed)
             if save and k + 1 < len(stream.segments):
                 _save_state(out, cfg, {"adapter": adapter, "acc": acc, "segment": k + 1, "elapsed": elapsed})
     if bar is not None:
         bar.close()
     results = summarise(cfg, stream, acc, elapsed, device, memory.peak)
+    if not adapter.fast.is_default or cfg["threads"] == "auto":
+        results["fast"] = dict(adapter.fast.describe(), threads=torch.get_num_threads())
     if save:
         write_outputs(out, cfg, results)
         (out / STATE_FILE).unlink(missing_ok=True)
+    trackers.finish(results)
     return results
 
 
