@@ -8,6 +8,9 @@ when it has one (ROID's prior correction).
 
 A method is a :class:`Recipe` (the parts) handed to an :class:`Adapter` (the loop). Methods whose loop
 differs (CoTTA's teacher, CLIPTTA's inner steps) subclass ``Adapter`` and override ``adapt``.
+
+The fast options (``precision``, ``memory_format``, ``compile``) live in :mod:`tta.fast`; the loop only
+hands each batch to ``self.fast.run`` and calls the model through ``call_model``.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .fast import FastPath
 from .parts.norm import uses_batch_stats
 from .parts.optim import OptimizerSpec
 from .parts.params import NoParams, freeze_all_but
@@ -132,16 +136,23 @@ def check_batch(x: torch.Tensor, channels: Optional[int] = 3, tolerance: float =
 class Adapter(nn.Module):
     """Wraps a model; ``adapter(x)`` predicts on ``x`` then adapts on it; ``reset()`` restores the source.
 
-    The model is configured in place (norm mode, ``requires_grad``) because that is what adaptation
-    needs; everything else about it is left as it was. ``reset()`` restores parameters, buffers,
-    optimizer state and every part's state bit for bit from a snapshot taken once here.
+    The model is configured in place (norm mode, ``requires_grad``; with the fast options also its memory
+    format and the bf16 autocast hooks) because that is what adaptation needs; everything else about it is
+    left as it was. ``reset()`` restores parameters, buffers, optimizer state and every part's state bit
+    for bit from a snapshot taken once here.
     """
+
+    fast = FastPath()  # the defaults, for adapters pickled before the fast options existed
+    routes_forwards = False  # a subclass with its own ``adapt`` that calls the model only via ``call_model``
 
     def __init__(self, model: nn.Module, recipe: Recipe, *, optimizer: Optional[OptimizerSpec] = None,
                  steps: int = 1, episodic: bool = False, seed: int = 0, validate: bool = True,
-                 channels: Optional[int] = 3, postprocess=None):
+                 channels: Optional[int] = 3, postprocess=None, precision: str = "fp32",
+                 memory_format: str = "contiguous", compile="off"):
         super().__init__()
-        self.model = recipe.norm(model)
+        self.fast = FastPath(precision, memory_format, compile)
+        shared_loop = type(self).adapt is Adapter.adapt or self.routes_forwards
+        self.model = self.fast.prepare(recipe.norm(model), type(self).__name__, shared_loop)
         self.recipe = recipe
         self.steps, self.episodic, self.seed, self.validate, self.channels = steps, episodic, seed, validate, channels
         self.postprocess = build_postprocess(postprocess)  # applied to every returned prediction (em_inf)
@@ -180,7 +191,7 @@ class Adapter(nn.Module):
         if self.episodic:
             self.reset()
         self.counters["batches"] += 1
-        out = self.adapt(x)
+        out = self.fast.run(self.adapt, x)  # input layout, CUDA-graph steps, compile timing (tta/fast.py)
         return out if self.postprocess is None else self.postprocess(out)
 
     def reset(self) -> None:
@@ -208,7 +219,7 @@ class Adapter(nn.Module):
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         if self.optimizer is None:
             with torch.inference_mode():
-                return self.model(x)
+                return self.call_model(x)
         first = None
         for _ in range(self.steps):
             out = self.compute_loss(x)
@@ -228,7 +239,7 @@ class Adapter(nn.Module):
                      update_state: bool = True) -> Output:
         """Forward with gradients and the recipe's loss. ``within`` restricts the filters to a subset."""
         r = self.recipe
-        logits = self.model(x)
+        logits = self.call_model(x)
         batch = Batch(x, logits, self, update_state)
         mask = torch.ones(x.shape[0], dtype=torch.bool, device=logits.device) if within is None else within
         for f in r.filters:
@@ -245,6 +256,11 @@ class Adapter(nn.Module):
         for reg in r.regularisers:
             loss = loss + reg(self)
         return Output(logits, loss, mask, batch)
+
+    def call_model(self, x: torch.Tensor, model: Optional[nn.Module] = None) -> torch.Tensor:
+        """``model(x)`` (default: the adapted model), compiled when the ``compile`` option says so. The
+        shared loop calls the model only through here."""
+        return self.fast.call(self.model if model is None else model, x)
 
     # ------------------------------------------------------------------- helpers for steps/parts
     def should_step(self, out: Output) -> bool:
@@ -274,4 +290,5 @@ class Adapter(nn.Module):
         return next(self.model.parameters()).device
 
     def extra_repr(self) -> str:
-        return f"params={len(self.params)} tensors, steps={self.steps}, episodic={self.episodic}"
+        fast = "" if self.fast.is_default else ", " + ", ".join(f"{k}={v}" for k, v in self.fast.options().items())
+        return f"params={len(self.params)} tensors, steps={self.steps}, episodic={self.episodic}{fast}"

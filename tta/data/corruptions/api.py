@@ -9,6 +9,12 @@ ImageNet table for 224 px, or from ``params='cifar' | 'imagenet'``.
 
 Randomness is drawn only from ``generator`` (a ``torch.Generator`` on the input's device; ``None`` uses
 torch's global generator), so the same seed gives the same output on the same device.
+
+Batches are worked through in chunks of ``RNG_CHUNK`` (100) images, on worker threads (``_workers``):
+a whole 10,000-image float64 batch no longer fits in any cache and one short OpenMP region per operation
+stalls on a busy machine; chunks of 100 do neither. A batch of at most 100 images draws from
+``generator`` directly; a larger batch first draws one seed per chunk from it (in chunk order) and each
+chunk then draws from its own generator, so the output is the same whatever the number of threads.
 """
 from __future__ import annotations
 
@@ -19,7 +25,11 @@ import torch
 from ...errors import InputError, TTAError
 from . import blur, digital, elastic, frost as frost_mod, motion, noise, spatter as spatter_mod, weather
 from ._core import to_levels
+from ._workers import run_chunks
 from .params import FROST_SCALE, resolve_table, severity_params
+
+# Images per chunk: the unit of work of the engine's threads and of its random draws (see module docstring).
+RNG_CHUNK = 100
 
 CORRUPTIONS = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -57,8 +67,12 @@ def check_severity(severity) -> int:
     return severity
 
 
-def check_images(x) -> torch.Tensor:
-    """A float batch (N, 3, H, W) with finite values in [0, 1], else InputError saying what is wrong."""
+def check_images(x, values: bool = True) -> torch.Tensor:
+    """A float batch (N, 3, H, W) with finite values in [0, 1], else InputError saying what is wrong.
+
+    ``values=False`` checks type and shape only: ``corrupt`` checks the values chunk by chunk
+    (:func:`check_values`), while each chunk is in cache, instead of in three passes over the whole batch.
+    """
     if not isinstance(x, torch.Tensor):
         raise InputError(f"corruptions take a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4 or x.shape[1] != 3:
@@ -66,11 +80,22 @@ def check_images(x) -> torch.Tensor:
     if not x.is_floating_point():
         raise InputError(f"corruptions take float images in [0, 1], got dtype {x.dtype} "
                          f"(divide uint8 images by 255, or use corrupt_dataset for uint8 arrays)")
-    if x.numel() and bool(torch.isnan(x).any()):
-        raise InputError("the image batch contains NaN values")
-    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
-        raise InputError(f"image values must lie in [0, 1], got range [{float(x.min()):.4g}, {float(x.max()):.4g}]")
+    if values:
+        check_values(x)
     return x
+
+
+def check_values(x: torch.Tensor, first: Optional[int] = None) -> None:
+    """NaN or values outside [0, 1] are an InputError (one pass: ``aminmax`` propagates NaN).
+    ``first``: where ``x`` starts in the caller's batch when it is a chunk of it (named in the message)."""
+    if not x.numel():
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    where = "" if first is None else f" (in images {first}..{first + x.shape[0] - 1})"
+    if lo != lo or hi != hi:
+        raise InputError(f"the image batch contains NaN values{where}")
+    if lo < 0 or hi > 1:
+        raise InputError(f"image values must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]{where}")
 
 
 def apply_levels(levels: torch.Tensor, name: str, severity: int, table: str, generator=None,
@@ -82,6 +107,25 @@ def apply_levels(levels: torch.Tensor, name: str, severity: int, table: str, gen
     return _IMPLS[name](levels, c, generator)
 
 
+def apply_levels_seeded(levels: torch.Tensor, name: str, severity: int, table: str, groups,
+                        frost_dir=None) -> torch.Tensor:
+    """``apply_levels`` for independent groups of images, each with its own seed, on the engine's workers.
+
+    ``groups``: a list of (indices into ``levels``, seed). The result equals ``apply_levels`` of each group
+    with ``torch.Generator(levels.device).manual_seed(seed)``, whatever the number of threads; it is the
+    entry point for callers that seed per group of stream positions (``tta.data.lazy.CorruptedSource``).
+    """
+    out = torch.empty_like(levels)
+
+    def one(k: int) -> None:
+        index, seed = groups[k]
+        gen = torch.Generator(device=levels.device).manual_seed(int(seed))
+        out[index] = apply_levels(levels[index], name, severity, table, gen, frost_dir)
+
+    run_chunks(one, len(groups), levels.device, pixels=levels.shape[-2] * levels.shape[-1])
+    return out
+
+
 def corrupt(x: torch.Tensor, name: str, severity: int, generator: Optional[torch.Generator] = None,
             seed: Optional[int] = None, params: Optional[str] = None, frost_dir=None) -> torch.Tensor:
     """Corrupt a float batch (N, 3, H, W) in [0, 1] with ``name`` at ``severity`` (1..5).
@@ -91,12 +135,32 @@ def corrupt(x: torch.Tensor, name: str, severity: int, generator: Optional[torch
     """
     check_name(name)
     check_severity(severity)
-    check_images(x)
+    check_images(x, values=False)
     table = resolve_table(params, x.shape[-2], x.shape[-1])
     if generator is None and seed is not None:
         generator = torch.Generator(device=x.device).manual_seed(int(seed))
-    out = apply_levels(to_levels(x), name, severity, table, generator, frost_dir)
-    return (out / 255).to(x.dtype)
+    n = x.shape[0]
+    count = -(-n // RNG_CHUNK)
+    seeds = chunk_seeds(generator, count, x.device) if count > 1 else None
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def one(k: int) -> None:
+        lo, hi = k * RNG_CHUNK, min(n, (k + 1) * RNG_CHUNK)
+        gen = generator if seeds is None else torch.Generator(device=x.device).manual_seed(seeds[k])
+        chunk = x[lo:hi]
+        check_values(chunk, lo if count > 1 else None)
+        levels = apply_levels(to_levels(chunk), name, severity, table, gen, frost_dir)
+        out[lo:hi] = levels.div_(255)
+
+    run_chunks(one, count, x.device, pixels=x.shape[-2] * x.shape[-1])
+    return out
+
+
+def chunk_seeds(generator: Optional[torch.Generator], count: int, device) -> list:
+    """One seed per ``RNG_CHUNK``-image chunk, drawn in chunk order from ``generator`` (``None``: torch's
+    global generator of ``device``): a large batch costs its caller's generator exactly one draw."""
+    where = generator.device if generator is not None else torch.device(device)
+    return torch.randint(0, 2 ** 62, (count,), generator=generator, device=where).tolist()
 
 
 def _make_op(name: str) -> Callable:

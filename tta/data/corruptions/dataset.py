@@ -4,23 +4,24 @@ Both file generation (``tta.data.make_c``) and on-the-fly streams call it, so th
 images either way. Images are split into fixed chunks of ``RNG_CHUNK = 100`` consecutive images (by their
 index in the array); chunk k draws all its randomness from a ``torch.Generator`` seeded with a stable hash
 of ``(seed, corruption name, severity, k)``. The ``chunk_size`` argument only sets how many images are
-converted and moved to the device at a time (rounded up to a multiple of ``RNG_CHUNK``), so the output does
-not depend on it, nor on how a caller slices its work - as long as slices start at multiples of 100
+moved to a GPU at a time (rounded up to a multiple of ``RNG_CHUNK``; on the CPU the chunks are worked
+through by the engine's threads straight from the uint8 set), so the output does not depend on it, nor on
+the number of threads, nor on how a caller slices its work - as long as slices start at multiples of 100
 (use ``start`` to say where a slice begins in the full set).
 """
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Optional
 
 import numpy as np
 import torch
 
 from ...errors import InputError
-from .api import apply_levels, check_name, check_severity
+from ._workers import run_chunks
+from .api import RNG_CHUNK, apply_levels, check_name, check_severity
 from .params import resolve_table
-
-RNG_CHUNK = 100
 
 
 def chunk_seed(seed: int, name: str, severity: int, chunk: int) -> int:
@@ -62,17 +63,25 @@ def corrupt_dataset(images, name: str, severity: int, seed: int, chunk_size: int
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=f"{name} s{severity}", unit="img", leave=False)
+    tick = threading.Lock()
+
+    def one(k: int, chunk: torch.Tensor, lo: int) -> None:
+        """RNG chunk ``k`` of the transfer chunk starting at image ``lo`` (float64 per 100 images: in cache)."""
+        b = k * RNG_CHUNK
+        index = (start + lo + b) // RNG_CHUNK
+        gen = torch.Generator(device=chunk.device).manual_seed(chunk_seed(seed, name, severity, index))
+        block = chunk[b:b + RNG_CHUNK].to(torch.float64, memory_format=torch.contiguous_format)
+        levels = apply_levels(block, name, severity, table, gen, frost_dir)
+        out[lo + b:lo + b + levels.shape[0]] = levels.to(torch.uint8).cpu()
+        if bar is not None:
+            with tick:
+                bar.update(levels.shape[0])
+
+    # On the CPU the whole set is one transfer chunk, so the workers never wait for each other.
+    step = n if torch.device(device).type == "cpu" else step
     for lo in range(0, n, step):
         chunk = x[lo:lo + step].to(device=device)
-        for b in range(0, chunk.shape[0], RNG_CHUNK):
-            k = (start + lo + b) // RNG_CHUNK
-            gen = torch.Generator(device=chunk.device).manual_seed(chunk_seed(seed, name, severity, k))
-            # float64 per RNG chunk (2.4 MB at 32 px) rather than per transfer chunk: stays in cache.
-            block = chunk[b:b + RNG_CHUNK].to(torch.float64)
-            levels = apply_levels(block, name, severity, table, gen, frost_dir)
-            out[lo + b:lo + b + levels.shape[0]] = levels.to(torch.uint8).cpu()
-            if bar is not None:
-                bar.update(levels.shape[0])
+        run_chunks(lambda k: one(k, chunk, lo), -(-chunk.shape[0] // RNG_CHUNK), device, pixels=h * w)
     if bar is not None:
         bar.close()
     return out
