@@ -19,3 +19,6 @@ def test_quickstart_notebook_executes(data_dir, monkeypatch):
     means = [o for o in outputs if o.output_type == "execute_result" and "'eata'" in o["data"]["text/plain"]]
     assert means, "the cell printing mean errors per method produced no output"
     assert any(o.output_type == "display_data" and "image/png" in o["data"] for o in outputs)
+    import tta
+    listing = "".join(o.get("text", "") for o in nb.cells[-1].get("outputs", []) if o.output_type == "stream")
+    assert [line.split()[0] for line in listing.strip().splitlines()] == tta.methods.available()

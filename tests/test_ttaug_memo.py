@@ -117,7 +117,7 @@ def test_episodic_step_predict_equals_a_loop_of_single_image_episodes(tiny_bn_mo
 
 def test_registration():
     assert tta.methods.info("ttaug").cost == Cost(nograd=33, params="none")
-    assert tta.methods.info("memo").cost == Cost(grad=32, backward=1, nograd=1, params="all")
+    assert tta.methods.info("memo").cost == Cost(grad=32, backward=1, nograd=1, params="all", per_image=True)
     with pytest.raises(ConfigError):
         tta.wrap(nn.Sequential(nn.Conv2d(3, 2, 1)), "ttaug")  # no BN layer to mix
     with pytest.raises(ConfigError):
