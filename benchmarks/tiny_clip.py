@@ -7,13 +7,21 @@ under ``~/.cache/tta/``, then adapts it on corrupted test images (``tta.data.cor
 reset for each corruption) and prints a Markdown table of errors. Numbers say whether the methods run
 and behave sensibly on a CLIP-shaped model; they say nothing about OpenAI CLIP's numbers.
 
-    python benchmarks/tiny_clip.py [--train-seconds 420] [--n-test 2000] [--threads 1]
+    python benchmarks/tiny_clip.py [--train-seconds 420 | --train-steps N] [--n-test 2000] [--threads 1]
+
+Training stops after ``--train-seconds`` of wall time (the schedule follows the clock), or after exactly
+``--train-steps`` steps (the schedule follows the step: the same weights on a loaded or a quiet machine, so
+prefer it on shared cores). Which one made the cached checkpoint, and how many steps it took, is written
+next to it (``tiny_clip_cifar10.json``); ``benchmarks/clip_table.py`` reuses the same checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +46,9 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def train(path, seconds: float, batch: int = 256, lr: float = 1e-3, warmup: int = 60) -> None:
+def train(path, seconds: float, batch: int = 256, lr: float = 1e-3, warmup: int = 60,
+          steps: Optional[int] = None) -> None:
+    """Contrastive training from scratch; ``steps`` (if given) replaces the wall-clock budget ``seconds``."""
     import open_clip
 
     open_clip.factory._MODEL_CONFIGS[ARCH] = CONFIG
@@ -54,11 +64,15 @@ def train(path, seconds: float, batch: int = 256, lr: float = 1e-3, warmup: int 
     g = torch.Generator().manual_seed(0)
     steps_per_epoch = len(x_all) // batch
     start, step, epoch = time.time(), 0, 0
+
+    def done() -> bool:
+        return step >= steps if steps is not None else time.time() - start >= seconds
+
     model.train()
-    while time.time() - start < seconds:
+    while not done():
         order = torch.randperm(len(x_all), generator=g)
         for i in range(steps_per_epoch):
-            frac = min(1.0, (time.time() - start) / seconds)
+            frac = step / steps if steps is not None else min(1.0, (time.time() - start) / seconds)
             for group in opt.param_groups:  # linear warm-up (a hot start collapses the text side), then cosine
                 group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(frac * torch.pi))).item()
             idx = order[i * batch:(i + 1) * batch]
@@ -72,11 +86,31 @@ def train(path, seconds: float, batch: int = 256, lr: float = 1e-3, warmup: int 
             with torch.no_grad():
                 model.logit_scale.clamp_(0, 4.6052)
             step += 1
-            if time.time() - start >= seconds:
+            if done():
                 break
         epoch += 1
         print(f"epoch {epoch}: step {step}, loss {loss.item():.3f}, {time.time() - start:.0f}s", flush=True)
     torch.save(model.state_dict(), path)
+    info = {"arch": ARCH, "config": CONFIG, "steps": step, "epochs_started": epoch, "batch": batch,
+            "budget": {"steps": steps} if steps is not None else {"seconds": seconds},
+            "wall_seconds": round(time.time() - start, 1), "final_loss": round(loss.item(), 4),
+            "threads": torch.get_num_threads(), "train_images": len(x_all)}
+    Path(path).with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def checkpoint(train_seconds: float = 420, train_steps: Optional[int] = None) -> Path:
+    """The cached tiny-CLIP weights under the tta cache folder, trained first if absent."""
+    path = cache_dir() / "tiny_clip_cifar10.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        train(path, train_seconds, steps=train_steps)
+    return path
+
+
+def training_info(path) -> dict:
+    """How the cached checkpoint was trained (empty for a checkpoint made before this was recorded)."""
+    meta = Path(path).with_suffix(".json")
+    return json.loads(meta.read_text()) if meta.exists() else {}
 
 
 def evaluate(adapter, x_u8: torch.Tensor, y: torch.Tensor, batch: int = 128) -> float:
@@ -91,14 +125,13 @@ def evaluate(adapter, x_u8: torch.Tensor, y: torch.Tensor, batch: int = 128) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train-seconds", type=float, default=420)
+    ap.add_argument("--train-steps", type=int, default=None, help="a fixed number of steps instead of seconds")
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     random.seed(0)
-    path = cache_dir() / "tiny_clip_cifar10.pt"
-    if not path.exists():
-        train(path, args.train_seconds)
+    path = checkpoint(args.train_seconds, args.train_steps)
     x_test, y_test = load_cifar10(split="test")
     x_test, y_test = x_test[:args.n_test], y_test[:args.n_test]
     methods = {"zero-shot": ("source", {}), "TENT (10 steps, Adam 1e-3)": ("tent", {"steps": 10}),
