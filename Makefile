@@ -1,5 +1,5 @@
 # Two commands: `make demo` (offline demo) and `make test` (the test suite). Each creates .venv and
-# installs the package (with its test extras, and the cluster and loggers extras their tests use) on first use.
+# installs the package (with its test extras, and the cluster, loggers and diffusion extras their tests use) on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.tta-installed
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,cluster,loggers]"
+	$(PY) -m pip install -q -e ".[test,cluster,loggers,diffusion]"
 	touch $(STAMP)
 
 install: $(STAMP)
