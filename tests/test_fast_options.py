@@ -341,3 +341,17 @@ def test_tta_run_kill_and_resume_with_fast_options(data_dir, tmp_path, extra):
     assert a["batch_errors"] == b["batch_errors"] and a["mean_error"] == b["mean_error"]
     chosen = dict(e.split("=") for e in extra if not e.startswith("threads"))
     assert {k: a["fast"][k] for k in chosen} == chosen
+
+
+def test_compile_cache_is_the_tta_folder_unless_the_user_chose_one(tmp_path, monkeypatch):
+    from torch._inductor.runtime.runtime_utils import default_cache_dir
+    monkeypatch.setenv("TTA_CACHE_DIR", str(tmp_path / "tta"))
+    for unset in (None, default_cache_dir()):  # importing Inductor writes its default into the variable
+        if unset is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", unset)
+        assert fast.compile_cache_dir() == str(tmp_path / "tta" / "torch_compile")
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "tta" / "torch_compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert fast.compile_cache_dir() == str(tmp_path / "mine")

@@ -153,11 +153,22 @@ _COMPILED: Dict[str, Any] = {}
 
 def compile_cache_dir():
     """Where Inductor keeps its compiled graphs: ``<tta cache>/torch_compile`` unless the user already
-    chose a folder with ``TORCHINDUCTOR_CACHE_DIR``."""
+    chose a folder with ``TORCHINDUCTOR_CACHE_DIR``. Importing parts of Inductor writes torch's own default
+    (a per-user folder under the system temp dir, wiped on reboot) into that variable, so that value
+    counts as unset."""
     from .paths import cache_dir
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "torch_compile")
-    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not current or os.path.abspath(current) == _torch_default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = current = str(cache_dir() / "torch_compile")
+    return current
+
+
+def _torch_default_cache_dir() -> Optional[str]:
+    try:
+        from torch._inductor.runtime.runtime_utils import default_cache_dir
+        return os.path.abspath(default_cache_dir())
+    except Exception:  # noqa: BLE001 - a torch without this helper: only an unset variable counts as unset
+        return None
 
 
 def compiled(cuda_graphs: bool = False):
@@ -166,10 +177,10 @@ def compiled(cuda_graphs: bool = False):
     restored from a checkpoint) runs the same compiled graph."""
     mode = "reduce-overhead" if cuda_graphs else "default"
     if mode not in _COMPILED:
+        compile_cache_dir()  # before Inductor's modules load: they fill in torch's default folder
         import torch._functorch.config as functorch_config
         import torch._inductor.config as inductor_config
         import torch._dynamo.config as dynamo_config
-        compile_cache_dir()
         inductor_config.fx_graph_cache = True  # compiled kernels on disk
         functorch_config.enable_autograd_cache = True  # the forward/backward split on disk
         # One function serves every model of the process (a table runs many cells): each architecture,
