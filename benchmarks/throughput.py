@@ -84,7 +84,7 @@ def method_kwargs(method, model_name, data):
     """Source data for the methods that take it: the shifted batches for EATA's Fisher images (as before),
     2,000 labelled clean CIFAR-10 training images for the others."""
     options, kw = tta.methods.method_options(method), {}
-    if "fisher_data" in options:
+    if "fisher_data" in options and method != "come":  # COME takes it only with host eata (default host: tent)
         kw["fisher_data"] = data[:400]
     if "source_images" in options:
         from tta.data.datasets import load_cifar10

@@ -37,5 +37,5 @@ def come(model, *, host: str = "tent", k: Optional[float] = None, margin_frac: O
     wrong = sorted(set(given) - set(method_options(host)))
     if wrong:
         raise ConfigError(f"come with host {host!r} does not take {wrong}; {host} takes: "
-                          f"{', '.join(method_options(host))}")
+                          f"{', '.join(method_options(host)) or 'no options of its own'}")
     return get(host)(model, **given).but(entropy=COMEEntropy(k))
