@@ -305,7 +305,6 @@ class FastPath:
     def __init__(self, precision: str = "fp32", memory_format: str = "contiguous", compile="off"):
         self.precision, self.memory_format, self.compile = check_options(precision, memory_format, compile)
         self.auto = AutoCompile() if self.compile == "auto" else None
-        self.loop_compiles = True  # set by the adapter: False when a method's own loop bypasses call_model
 
     @property
     def is_default(self) -> bool:
@@ -322,8 +321,8 @@ class FastPath:
         return out
 
     def prepare(self, model, method: str = "", loop_compiles: bool = True):
-        """Configure ``model`` in place for these options (once, before the adapter snapshots it)."""
-        self.loop_compiles = loop_compiles
+        """Configure ``model`` in place for these options (once, before the adapter snapshots it).
+        ``loop_compiles``: False when the method's own loop calls the model without ``call_model``."""
         if self.compile == "on" and not loop_compiles:
             raise ConfigError(f"compile: on needs the shared adaptation loop, but method {method!r} runs a loop of "
                               "its own whose forwards are not compiled; use compile: off (or auto, which keeps "
@@ -371,10 +370,8 @@ class FastPath:
 
     @contextmanager
     def step(self, x):
-        """Around one batch's adaptation: the CUDA-graph step mark, and timing for ``compile: auto``."""
-        if self.is_default:
-            yield
-            return
+        """Around one batch's adaptation (non-default options only, see :meth:`run`): the CUDA-graph step
+        mark, and timing for ``compile: auto``."""
         if self.cuda_graphs(x):
             torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous batch may be overwritten now
         timing, compiled_now = self.auto is not None and self.auto.timing, self.compiling
@@ -390,9 +387,10 @@ class FastPath:
         whose next replay would overwrite it while the loop still holds it, e.g. SAM's first logits)."""
         if not self.compiling:
             return model(x)
+        graphs = self.cuda_graphs(x)
         with torch.autocast(x.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext():
-            out = compiled(self.cuda_graphs(x))(model, x)
-        return _to_fp32(out).clone() if self.cuda_graphs(x) else _to_fp32(out)
+            out = compiled(graphs)(model, x)
+        return _to_fp32(out).clone() if graphs else _to_fp32(out)
 
 
 def graph_key(model, fast: FastPath) -> str:

@@ -119,8 +119,8 @@ def restrict_to_dataset(cfg: Dict[str, Any], model):
     """ImageNet-A/R/D109 are scored on their classes only: a 1,000-class model keeps those outputs
     (tta.data.classes.restrict_outputs). A CLIP model built for the data set's own class list
     (``model.options.classes``) already has them."""
-    from ..data.classes import logit_indices, restrict_outputs
-    if cfg["data"]["dataset"] not in ("imagenet_a", "imagenet_r", "imagenet_d109"):
+    from ..data.classes import SUBSETS, logit_indices, restrict_outputs
+    if cfg["data"]["dataset"] not in SUBSETS:
         return model
     if cfg["model"]["name"].startswith("openclip:") and cfg["model"]["options"].get("classes") != "imagenet":
         return model
