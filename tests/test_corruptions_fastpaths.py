@@ -143,3 +143,17 @@ def test_motion_blur_gather_equals_per_tap_loop(levels, channels, radius, sigma,
     x = levels[:12, :channels].contiguous()
     angle = torch.rand(12, generator=g, dtype=torch.float64) * 90 + low
     assert torch.equal(motion_blur_levels(x, radius, sigma, angle), _motion_blur_per_tap(x, radius, sigma, angle))
+
+
+def test_truncation_helpers_are_the_reference_uint8_cast():
+    """``truncate255(v) = uint8(clip(v, 0, 255))`` and ``truncate01(v) = uint8(clip(v, 0, 1) * 255)``, the
+    casts kept up by OUTPUT_EPS (1e-6 of a level), on hand-picked values in, at and beyond both ends."""
+    from tta.data.corruptions._core import truncate01, truncate255
+    v = torch.tensor([-300.0, -0.4, -1e-9, 0.0, 0.2, 1 - 1e-7, 1.0, 17.9999999, 18.0, 254.5, 255.0, 255.2, 1e9],
+                     dtype=torch.float64)
+    expected = [0, 0, 0, 0, 0, 1, 1, 18, 18, 254, 255, 255, 255]
+    assert truncate255(v).tolist() == expected
+    assert truncate255(v).dtype == torch.float64
+    u = torch.tensor([-2.0, -1e-12, 0.0, 0.5, 10 / 255, 254.9 / 255, 1.0, 1.0 + 1e-9, 7.0], dtype=torch.float64)
+    assert truncate01(u).tolist() == [0, 0, 0, 127, 10, 254, 255, 255, 255]
+    assert torch.equal(truncate01(u), truncate255(u.clamp(0, 1) * 255))

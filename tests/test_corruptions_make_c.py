@@ -53,15 +53,22 @@ def test_rerun_skips_complete_files_and_redoes_changed_or_broken_ones(source, tm
 
 
 def test_interrupted_write_leaves_no_partial_file(source, tmp_path, monkeypatch):
+    """The engine writes into a memory map of a temp file; an interrupt between two severities (the file
+    half written) leaves neither the .npy nor the temp file, and no sidecar entry."""
     out = tmp_path / "c"
+    real, calls = M.corrupt_dataset, []
 
-    def boom(*args, **kwargs):
-        raise KeyboardInterrupt
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["out"].shape)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(M.np, "save", boom)
+    monkeypatch.setattr(M, "corrupt_dataset", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        M.make_c(source, out, corruptions=["contrast"], severities=(1,), progress=False)
-    assert os.listdir(out) == []
+        M.make_c(source, out, corruptions=["contrast"], severities=(1, 2), progress=False)
+    assert len(calls) == 2
+    assert sorted(os.listdir(out)) == ["labels.npy"]
 
 
 def test_cli_parsing_and_handler(source, tmp_path, capsys):

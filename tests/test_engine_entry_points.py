@@ -100,6 +100,17 @@ def test_values_are_checked_per_chunk_and_named(images):
         C.corrupt(x[150:151], "contrast", 2, seed=0)
 
 
+def test_corrupt_dataset_writes_into_a_given_array_of_any_layout(images):
+    expected = C.corrupt_dataset(images, "fog", 2, seed=4)
+    nhwc = np.zeros(images.shape, dtype=np.uint8)
+    target = torch.from_numpy(nhwc).permute(0, 3, 1, 2)
+    assert C.corrupt_dataset(images, "fog", 2, seed=4, out=target) is target
+    assert np.array_equal(nhwc, expected.permute(0, 2, 3, 1).numpy())
+    for bad in (torch.zeros(250, 3, 32, 32), torch.zeros(249, 3, 32, 32, dtype=torch.uint8)):
+        with pytest.raises(InputError, match="out must be a CPU uint8 tensor of shape"):
+            C.corrupt_dataset(images, "fog", 2, seed=4, out=bad)
+
+
 def test_float64_input_is_not_modified(images):
     x = as_float(images).double().contiguous()
     before = x.clone()

@@ -5,7 +5,9 @@ Layout: ``<out>/<corruption>.npy`` uint8 (N * len(severities), H, W, 3) NHWC, se
 and ``make_c.json``, which records the seed, severities, source size and engine chunk per written file.
 
 Each file is written to a temporary file in the same folder and moved into place with ``os.replace``, so
-an interrupted run never leaves a truncated ``.npy`` behind. A rerun skips every file whose shape and dtype
+an interrupted run never leaves a truncated ``.npy`` behind. The engine writes its chunks straight into a
+memory map of that temporary ``.npy`` (NHWC rows, ``corrupt_dataset(..., out=...)``), so no array is
+filled first and copied to the file after. A rerun skips every file whose shape and dtype
 are right and whose ``make_c.json`` entry matches the requested seed and severities, so an interrupted
 generation resumes where it stopped. Images come from ``corrupt_dataset``, the same function on-the-fly
 streams use, so the files equal what a stream would produce for the same seed.
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+import torch
 
 from ..errors import ConfigError
 from .corruptions import CORRUPTIONS, RNG_CHUNK, corrupt_dataset
@@ -36,17 +39,26 @@ from .datasets import read_npz
 SIDECAR = "make_c.json"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temp file next to ``path``, then move it into place."""
+def _atomic_fill(path: Path, fill) -> None:
+    """Call ``fill(temp_path)`` to write a temp file next to ``path``, then move it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        fill(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(file_object)`` on a temp file next to ``path``, then move it into place."""
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    _atomic_fill(path, fill)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -101,6 +113,7 @@ def make_c(source, out, corruptions: Optional[Iterable[str]] = None, severities:
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(names) * len(severities) * n, unit="img", desc="make-c")
+
     for name in names:
         path = out / f"{name}.npy"
         if _is_complete(path, shape, sidecar.get(name), wanted):
@@ -108,15 +121,21 @@ def make_c(source, out, corruptions: Optional[Iterable[str]] = None, severities:
             if bar is not None:
                 bar.update(len(severities) * n)
             continue
-        result = np.empty(shape, dtype=np.uint8)
-        for k, severity in enumerate(severities):
-            if bar is not None:
-                bar.set_postfix_str(f"{name} s{severity}")
-            images = corrupt_dataset(x, name, severity, seed, device=device)
-            result[k * n:(k + 1) * n] = images.permute(0, 2, 3, 1).numpy()
-            if bar is not None:
-                bar.update(n)
-        _save_npy(path, result)
+
+        def fill(tmp: str, name=name) -> None:
+            # The engine writes each chunk straight into the file's pages (a memory map of the .npy): no
+            # array to fill first and copy out after, which cost more than the corruption of cheap ones.
+            result = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            target = torch.from_numpy(result).permute(0, 3, 1, 2)      # NHWC rows, written in place
+            for k, severity in enumerate(severities):
+                if bar is not None:
+                    bar.set_postfix_str(f"{name} s{severity}")
+                corrupt_dataset(x, name, severity, seed, device=device, out=target[k * n:(k + 1) * n])
+                if bar is not None:
+                    bar.update(n)
+            del target, result          # unmapped; the kernel writes the pages back in the background
+
+        _atomic_fill(path, fill)
         sidecar = _read_sidecar(out)
         sidecar[name] = wanted
         _atomic_write(out / SIDECAR, lambda f: f.write(json.dumps(sidecar, indent=1, sort_keys=True).encode()))

@@ -24,23 +24,35 @@ INPUT_EPS = 1e-3
 OUTPUT_EPS = 1e-6
 
 
-def to_levels(x01: torch.Tensor) -> torch.Tensor:
+def to_levels(x01: torch.Tensor, check=None) -> torch.Tensor:
     """[0, 1] floats -> float64 integer levels 0..255, truncating like torchvision's ToPILImage.
 
     The result is contiguous (NCHW) whatever the input's layout: a batch made by ``permute`` from NHWC
-    images would otherwise carry its strides through every operation of the corruption (about 2x slower)."""
-    levels = x01.to(torch.float64, memory_format=torch.contiguous_format, copy=True).mul_(255).add_(INPUT_EPS)
-    return torch.floor_(levels).clamp_(0, 255)
+    images would otherwise carry its strides through every operation of the corruption (about 2x slower).
+    ``check(lo, hi)``, when given, is called with the smallest and largest input value (NaN when there is
+    one), taken from the scaled copy in one pass: ``255 * x`` is exact in float64 for float32 and narrower
+    inputs, so ``lo / 255`` and ``hi / 255`` are the input's own extremes. A checked input lies in [0, 1], so
+    the final clamp is skipped."""
+    levels = x01.to(torch.float64, memory_format=torch.contiguous_format, copy=True).mul_(255)
+    if check is not None and levels.numel():
+        lo, hi = (float(v) / 255 for v in torch.aminmax(levels))
+        check(lo, hi)
+        return torch.floor_(levels.add_(INPUT_EPS))
+    return torch.floor_(levels.add_(INPUT_EPS)).clamp_(0, 255)
 
 
 def truncate255(v: torch.Tensor) -> torch.Tensor:
-    """Values in 0..255 units -> clipped and truncated to integers (the reference's ``np.uint8`` cast)."""
-    return torch.floor_(v.clamp(0, 255).add_(OUTPUT_EPS)).clamp_(max=255)
+    """Values in 0..255 units -> clipped and truncated to integers (the reference's ``np.uint8`` cast).
+
+    ``floor(v + eps)`` clamped to 0..255 equals ``floor(clip(v, 0, 255) + eps)`` value for value (inside the
+    range it is the same operation; outside, both give 0 or 255), in three passes instead of four."""
+    return torch.add(v, OUTPUT_EPS).floor_().clamp_(0, 255)
 
 
 def truncate01(v: torch.Tensor) -> torch.Tensor:
-    """Values in [0, 1] -> ``uint8(clip(v, 0, 1) * 255)`` as float64 levels."""
-    return truncate255(v.clamp(0, 1) * 255)
+    """Values in [0, 1] -> ``uint8(clip(v, 0, 1) * 255)`` as float64 levels (clipping after the scaling
+    gives the same values: ``clip(v, 0, 1) * 255`` is ``v * 255`` inside the range, 0 or 255 outside)."""
+    return torch.mul(v, 255).add_(OUTPUT_EPS).floor_().clamp_(0, 255)
 
 
 def pad_index(n: int, before: int, after: int, mode: str, device) -> torch.Tensor:
@@ -235,7 +247,10 @@ def gaussian_operator(sigma: float, mode: str, truncate: float, height: int, wid
 
 
 def apply_operator(op: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Apply an (H*W, H*W) operator from ``linear_operator`` to every channel of (B, C, H, W) float64."""
+    """Apply an (H*W, H*W) operator from ``linear_operator`` to every channel of (B, C, H, W) float64.
+
+    The result is a transposed view (pixel-major strides); a caller that goes on to gather or to run many
+    operations on it should make it contiguous first, one that only truncates and stores it need not."""
     b, c, h, w = x.shape
     flat = x.reshape(b * c, h * w).T.contiguous()
     return (op @ flat).T.reshape(b, c, h, w)

@@ -88,10 +88,13 @@ def check_images(x, values: bool = True) -> torch.Tensor:
 def check_values(x: torch.Tensor, first: Optional[int] = None) -> None:
     """NaN or values outside [0, 1] are an InputError (one pass: ``aminmax`` propagates NaN).
     ``first``: where ``x`` starts in the caller's batch when it is a chunk of it (named in the message)."""
-    if not x.numel():
-        return
-    lo, hi = (float(v) for v in torch.aminmax(x))
-    where = "" if first is None else f" (in images {first}..{first + x.shape[0] - 1})"
+    if x.numel():
+        check_range(*(float(v) for v in torch.aminmax(x)), x.shape[0], first)
+
+
+def check_range(lo: float, hi: float, count: int, first: Optional[int] = None) -> None:
+    """The smallest and largest value of ``count`` images (NaN if any) -> InputError unless in [0, 1]."""
+    where = "" if first is None else f" (in images {first}..{first + count - 1})"
     if lo != lo or hi != hi:
         raise InputError(f"the image batch contains NaN values{where}")
     if lo < 0 or hi > 1:
@@ -147,10 +150,9 @@ def corrupt(x: torch.Tensor, name: str, severity: int, generator: Optional[torch
     def one(k: int) -> None:
         lo, hi = k * RNG_CHUNK, min(n, (k + 1) * RNG_CHUNK)
         gen = generator if seeds is None else torch.Generator(device=x.device).manual_seed(seeds[k])
-        chunk = x[lo:hi]
-        check_values(chunk, lo if count > 1 else None)
-        levels = apply_levels(to_levels(chunk), name, severity, table, gen, frost_dir)
-        out[lo:hi] = levels.div_(255)
+        levels = to_levels(x[lo:hi], check=lambda a, b: check_range(a, b, hi - lo, lo if count > 1 else None))
+        levels = apply_levels(levels, name, severity, table, gen, frost_dir)
+        torch.div(levels, 255, out=out[lo:hi])       # converts to the input's dtype as it writes
 
     run_chunks(one, count, x.device, pixels=x.shape[-2] * x.shape[-1])
     return out

@@ -45,10 +45,12 @@ def as_nchw_uint8(images) -> torch.Tensor:
 
 def corrupt_dataset(images, name: str, severity: int, seed: int, chunk_size: int = 1000, device="cpu",
                     progress: bool = False, params: Optional[str] = None, frost_dir=None,
-                    start: int = 0) -> torch.Tensor:
+                    start: int = 0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Corrupt uint8 images with ``name`` at ``severity``; returns a CPU uint8 tensor (N, 3, H, W).
 
     ``start`` is the index of ``images[0]`` in the full set and must be a multiple of ``RNG_CHUNK``.
+    ``out``: a CPU uint8 tensor (N, 3, H, W) of any strides to write into and return instead - e.g.
+    ``torch.from_numpy(nhwc).permute(0, 3, 1, 2)`` fills an NHWC array chunk by chunk, with no extra pass.
     """
     check_name(name)
     check_severity(severity)
@@ -58,7 +60,11 @@ def corrupt_dataset(images, name: str, severity: int, seed: int, chunk_size: int
     n, _, h, w = x.shape
     table = resolve_table(params, h, w)
     step = max(RNG_CHUNK, -(-int(chunk_size) // RNG_CHUNK) * RNG_CHUNK)
-    out = torch.empty((n, 3, h, w), dtype=torch.uint8)
+    if out is None:
+        out = torch.empty((n, 3, h, w), dtype=torch.uint8)
+    elif out.dtype != torch.uint8 or out.device.type != "cpu" or tuple(out.shape) != (n, 3, h, w):
+        raise InputError(f"out must be a CPU uint8 tensor of shape {(n, 3, h, w)}, got {out.dtype} on "
+                         f"{out.device} with shape {tuple(out.shape)}")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -72,7 +78,7 @@ def corrupt_dataset(images, name: str, severity: int, seed: int, chunk_size: int
         gen = torch.Generator(device=chunk.device).manual_seed(chunk_seed(seed, name, severity, index))
         block = chunk[b:b + RNG_CHUNK].to(torch.float64, memory_format=torch.contiguous_format)
         levels = apply_levels(block, name, severity, table, gen, frost_dir)
-        out[lo + b:lo + b + levels.shape[0]] = levels.to(torch.uint8).cpu()
+        out[lo + b:lo + b + levels.shape[0]].copy_(levels)    # truncating cast to uint8 (levels are integers)
         if bar is not None:
             with tick:
                 bar.update(levels.shape[0])

@@ -97,12 +97,18 @@ def box_weights(n_in: int, n_out: int) -> torch.Tensor:
 
 
 def _resample_axis(x: torch.Tensor, n_out: int, dim: int) -> torch.Tensor:
-    """One Pillow BOX pass along ``dim`` (-1 columns, -2 rows) on 8-bit levels, rounded back to 8 bits."""
+    """One Pillow BOX pass along ``dim`` (-1 columns, -2 rows) on 8-bit levels, rounded back to 8 bits.
+
+    Every product and sum is an integer below 2**53 (weights < 2**23 times levels < 2**8, summed over one
+    row), so float64 holds them exactly and the order of summation cannot change the result: the passes
+    are written as products on contiguous memory (columns: one ``mm``; rows: the weights times every
+    image plane), never on a transposed view."""
     weights = box_weights(x.shape[dim], n_out).to(device=x.device, dtype=x.dtype)
-    moved = x.movedim(dim, -1)
-    acc = moved @ weights.T + (1 << (PRECISION_BITS - 1))
-    out = torch.floor(acc / (1 << PRECISION_BITS)).clamp_(0, 255)
-    return out.movedim(-1, dim)
+    if dim == -1:
+        acc = (x.reshape(-1, x.shape[-1]) @ weights.T).reshape(*x.shape[:-1], n_out)
+    else:
+        acc = torch.matmul(weights, x)
+    return torch.floor_(acc.add_(1 << (PRECISION_BITS - 1)).div_(1 << PRECISION_BITS)).clamp_(0, 255)
 
 
 def pil_box_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ def _zoomed(x: torch.Tensor, z: float) -> torch.Tensor:
         op = kron_operator(("clipped_zoom", float(z)), h, w, x.device,
                            lambda: [(axis_matrix(lambda e: clipped_zoom(e, z), h, -2),
                                      axis_matrix(lambda e: clipped_zoom(e, z), w, -1))])
-        return apply_operator(op, x)
+        return apply_operator(op, x).contiguous()     # the motion blur gathers from it
     return clipped_zoom(x, z)
 
 
