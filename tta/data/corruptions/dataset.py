@@ -78,7 +78,9 @@ def corrupt_dataset(images, name: str, severity: int, seed: int, chunk_size: int
         gen = torch.Generator(device=chunk.device).manual_seed(chunk_seed(seed, name, severity, index))
         block = chunk[b:b + RNG_CHUNK].to(torch.float64, memory_format=torch.contiguous_format)
         levels = apply_levels(block, name, severity, table, gen, frost_dir)
-        out[lo + b:lo + b + levels.shape[0]].copy_(levels)    # truncating cast to uint8 (levels are integers)
+        if levels.device.type != "cpu":
+            levels = levels.to(torch.uint8)                     # 1 byte per value over the bus, not 8
+        out[lo + b:lo + b + levels.shape[0]].copy_(levels)    # levels are integers: the cast to uint8 is exact
         if bar is not None:
             with tick:
                 bar.update(levels.shape[0])
