@@ -45,10 +45,16 @@ def motion_blur_levels(x: torch.Tensor, radius: float, sigma: float, angle_deg: 
     # is their sum, shared by all channels (an expanded index, no copy).
     src_row = (torch.arange(h, device=x.device)[None, None] + dy[:, :, None]).clamp_(0, h - 1).mul_(w_)
     src_col = (torch.arange(w_, device=x.device)[None, None] + dx[:, :, None]).clamp_(0, w_ - 1)
+    # Three tensor calls per tap, into buffers made once: the engine's worker threads share the interpreter
+    # lock between calls, so on small images the number of calls, not only their work, sets the speed.
+    rows, cols = src_row[:, :, :, None].unbind(1), src_col[:, :, None, :].unbind(1)
+    index = torch.empty(b, h, w_, dtype=torch.long, device=x.device)
+    expanded = index.view(b, 1, h * w_).expand(b, c, h * w_)
+    taps = torch.empty(b, c, h * w_, dtype=x.dtype, device=x.device)
     acc = torch.zeros(b, c, h * w_, dtype=torch.float64, device=x.device)
-    for t, weight in enumerate(weights.tolist()):
-        idx = (src_row[:, t, :, None] + src_col[:, t, None, :]).reshape(b, 1, h * w_).expand(b, c, h * w_)
-        acc.add_(flat.gather(2, idx), alpha=weight)
+    for row, col, weight in zip(rows, cols, weights.tolist()):
+        torch.add(row, col, out=index)
+        acc.add_(torch.gather(flat, 2, expanded, out=taps), alpha=weight)
     q = torch.floor(257 * acc + 0.5).clamp_(0, 65535)
     return torch.floor(q / 257).reshape(b, c, h, w_)
 
