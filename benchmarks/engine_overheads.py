@@ -3,7 +3,7 @@
     python benchmarks/engine_overheads.py                 # all three measurements, 2 threads, 3 repeats
     python benchmarks/engine_overheads.py --only processes --repeats 5
 
-Four measurements, the timed ones interleaved so that load changes hit both sides alike:
+Five measurements, the timed ones interleaved so that load changes hit both sides alike:
 
 * ``first-touch``: allocating the output of a 10,000-image call and writing it once, against writing the
   same, already touched memory again: what every entry point that returns new images pays for them
@@ -15,6 +15,8 @@ Four measurements, the timed ones interleaved so that load changes hit both side
   mostly waiting for the interpreter lock between operations.
 * ``switches``: voluntary context switches, user and system time of ``corrupt_dataset`` (15 corruptions)
   with 1 thread and with ``--threads``, each in a fresh process.
+* ``npy-write``: one 10,000-image ``.npy`` written by ``np.save`` of a filled array against filling a memory
+  map of the file (``make_c``'s way).
 * ``make-c``: ``make_c`` of the 15 corruptions writing to a folder on disk against one in ``/dev/shm``
   (memory), next to reading the source and ``corrupt_dataset`` alone: the cost of the file system.
 
@@ -196,6 +198,31 @@ def _switches_child(count: int) -> None:
           f"user {after.ru_utime - before.ru_utime:.2f} s, system {after.ru_stime - before.ru_stime:.2f} s")
 
 
+def npy_write(repeats: int) -> None:
+    """One 10,000-image uint8 .npy: an array filled, then ``np.save``d, against filling a memory map of the
+    file (what ``make_c`` does), in a temporary folder on disk."""
+    folder = tempfile.mkdtemp()
+    shape = (10000, 32, 32, 3)
+    names = iter(range(10 ** 6))             # a new file every time, as make_c writes new temporary files
+
+    def save():
+        a = np.empty(shape, np.uint8)
+        a.fill(7)
+        np.save(os.path.join(folder, f"a{next(names)}.npy"), a)
+
+    def memmap():
+        m = np.lib.format.open_memmap(os.path.join(folder, f"m{next(names)}.npy"), mode="w+", dtype=np.uint8,
+                                      shape=shape)
+        m.fill(7)
+        del m
+
+    try:
+        t = interleaved({"save": save, "memmap": memmap}, repeats)
+    finally:
+        shutil.rmtree(folder)
+    print(f"- one 29 MiB .npy: array + np.save {t['save'] * 1e3:.1f} ms, memory map {t['memmap'] * 1e3:.1f} ms")
+
+
 def make_c_io(source: str, repeats: int) -> None:
     from tta.data.make_c import make_c
 
@@ -222,7 +249,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--only", choices=("first-touch", "processes", "switches", "make-c"), default=None)
+    p.add_argument("--only", choices=("first-touch", "processes", "switches", "npy-write", "make-c"), default=None)
     p.add_argument("--switches-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.switches_child is not None:
@@ -237,6 +264,8 @@ def main(argv=None) -> None:
         processes(images, args.threads, args.repeats)
     if args.only in (None, "switches"):
         switches(args.threads)
+    if args.only in (None, "npy-write"):
+        npy_write(args.repeats * 3)
     if args.only in (None, "make-c"):
         make_c_io(source, args.repeats)
     print(f"load average now {os.getloadavg()[0]:.1f}")
