@@ -149,6 +149,26 @@ def test_engine_leaves_the_callers_thread_settings_alone(images, threads):
     assert seen == [2]  # a new thread still gets the process default, not the workers' single thread
 
 
+def test_workers_run_one_torch_thread_each_while_the_caller_keeps_its_own(threads):
+    """Each worker's OpenMP team is fixed at one thread when the pool starts: a team of the caller's size
+    per worker (the state before this test existed) put 4 busy threads on 2 cores and cost ~20 % of the
+    engine's time. A fresh pool is started while the caller runs 2 threads, the case that went wrong."""
+    threads(2)
+    _workers._forget_pool()
+    seen, lock = set(), threading.Lock()
+
+    def fn(k):
+        with lock:
+            seen.add(torch.get_num_threads())
+
+    _workers.run_chunks(fn, 8, "cpu", threads=2)
+    assert seen == {1}
+    assert torch.get_num_threads() == 2
+    threads(3)
+    _workers.run_chunks(fn, 8, "cpu", threads=2)   # a later change of the caller's setting leaves them alone
+    assert seen == {1} and torch.get_num_threads() == 3
+
+
 def test_seeded_groups_equal_one_call_per_group(images, threads):
     from tta.data.corruptions.api import apply_levels, apply_levels_seeded
     levels = torch.from_numpy(images).permute(0, 3, 1, 2).double()
