@@ -214,10 +214,10 @@ def main(argv=None):
     print(f"\nTotal for the 15 corruptions ({n_total:,} images{extrapolated}), load average now "
           f"{os.getloadavg()[0]:.1f}:")
     for entry, t in totals.items():
-        print(f"- {entry}: {t * scale:.1f} s (sum of the rows)")
+        print(f"- {entry}: {t * scale:.2f} s (sum of the rows)")
     for entry, run in whole_runs(entries, images, source, args.device, tmp, names, severities).items():
         times = [timed(run, args.device) for _ in range(args.repeats)]
-        print(f"- {entry}: {statistics.median(times) * scale:.1f} s")
+        print(f"- {entry}: {statistics.median(times) * scale:.2f} s")
     if lib:
         print(f"- imagecorruptions (extrapolated, without {', '.join(failed) or 'none'}): {total_ref * scale:.0f} s")
 
