@@ -109,9 +109,8 @@ def entry_runner(entry, images, floats, source, device, tmp):
 
 
 def whole_runs(entries, images, source, device, tmp, names, severities) -> dict:
-    """How a user runs all 15 corruptions at once: one ``make_c`` call (reads the source once, writes each
-    file while the next is computed), and one continual stream over one ``DomainSet`` (reads the clean set
-    once), as ``tta make-c`` and ``tta run`` do. The per-corruption rows pay the source read every time."""
+    """How a user runs all 15 corruptions at once: one ``make_c`` call (reads the source once), and one
+    continual stream over one ``DomainSet`` (reads the clean set once), as ``tta make-c`` and ``tta run`` do. The per-corruption rows pay the source read every time."""
     names = [n for n in names if n in C.CORRUPTIONS]
     runs = {}
     if "make-c" in entries:

@@ -11,8 +11,8 @@ Five measurements, the timed ones interleaved so that load changes hit both side
 * ``processes``: ``corrupt_dataset`` of the 15 corruptions on the engine's worker threads against the same
   chunks on forked worker processes (a prototype kept here, not in the library: the source images are
   copied into shared memory, every process runs one torch thread and takes the next 100-image chunk when it
-  finishes one; the images are checked identical). The difference is what the threads lose to each other,
-  mostly waiting for the interpreter lock between operations.
+  finishes one; the images are checked identical). The difference is what the threads lose to each other
+  (before the workers' team-size fix, each ran every operation with a team of the caller's size).
 * ``switches``: voluntary context switches, user and system time of ``corrupt_dataset`` (15 corruptions)
   with 1 thread and with ``--threads``, each in a fresh process.
 * ``npy-write``: one 10,000-image ``.npy`` written by ``np.save`` of a filled array against filling a memory
@@ -175,7 +175,8 @@ def processes(images, threads: int, repeats: int) -> None:
 def switches(threads: int) -> None:
     """Voluntary context switches, user and system time of ``corrupt_dataset`` (15 corruptions) with 1 thread
     and with ``threads``, each in a fresh process (what earlier measurements left behind would count too):
-    a thread that waits for the interpreter lock sleeps and is woken, which counts as a voluntary switch."""
+    threads that wait for each other (a lock, an OpenMP barrier) sleep and are woken, and each sleep counts
+    as one voluntary switch."""
     import subprocess
     import sys
     for count in (1, threads):

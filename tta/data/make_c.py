@@ -124,7 +124,7 @@ def make_c(source, out, corruptions: Optional[Iterable[str]] = None, severities:
 
         def fill(tmp: str, name=name) -> None:
             # The engine writes each chunk straight into the file's pages (a memory map of the .npy): no
-            # array to fill first and copy out after, which cost more than the corruption of cheap ones.
+            # array to fill first and copy out after.
             result = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             target = torch.from_numpy(result).permute(0, 3, 1, 2)      # NHWC rows, written in place
             for k, severity in enumerate(severities):

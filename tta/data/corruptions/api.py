@@ -70,8 +70,9 @@ def check_severity(severity) -> int:
 def check_images(x, values: bool = True) -> torch.Tensor:
     """A float batch (N, 3, H, W) with finite values in [0, 1], else InputError saying what is wrong.
 
-    ``values=False`` checks type and shape only: ``corrupt`` checks the values chunk by chunk
-    (:func:`check_values`), while each chunk is in cache, instead of in three passes over the whole batch.
+    ``values=False`` checks type and shape only: ``corrupt`` checks the values chunk by chunk, from the
+    scaled copy it makes of each chunk anyway (``to_levels(check=...)`` and :func:`check_range`), instead of
+    in extra passes over the whole batch.
     """
     if not isinstance(x, torch.Tensor):
         raise InputError(f"corruptions take a torch.Tensor, got {type(x).__name__}")

@@ -45,8 +45,7 @@ def motion_blur_levels(x: torch.Tensor, radius: float, sigma: float, angle_deg: 
     # is their sum, shared by all channels (an expanded index, no copy).
     src_row = (torch.arange(h, device=x.device)[None, None] + dy[:, :, None]).clamp_(0, h - 1).mul_(w_)
     src_col = (torch.arange(w_, device=x.device)[None, None] + dx[:, :, None]).clamp_(0, w_ - 1)
-    # Three tensor calls per tap, into buffers made once: the engine's worker threads share the interpreter
-    # lock between calls, so on small images the number of calls, not only their work, sets the speed.
+    # Three tensor calls per tap, into an index and a tap buffer made once (no allocation per tap).
     rows, cols = src_row[:, :, :, None].unbind(1), src_col[:, :, None, :].unbind(1)
     index = torch.empty(b, h, w_, dtype=torch.long, device=x.device)
     expanded = index.view(b, 1, h * w_).expand(b, c, h * w_)
